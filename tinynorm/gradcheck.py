@@ -1,0 +1,249 @@
+"""Public finite-difference gradient checker.
+
+Point it at any forward/backward pair that follows the op contract::
+
+    y, cache = forward(*args)
+    grads    = backward(dy, cache)     # gradients of the first len(grads) args
+
+or at a layer (``forward(x) -> y``, ``backward(dy) -> dx``, ``params`` and
+``grads`` dicts)::
+
+    from tinynorm.gradcheck import gradcheck, gradcheck_layer
+    gradcheck(my_norm_forward, my_norm_backward, x, gamma, beta, 1e-5)
+    gradcheck_layer(MyNormLayer(16), x)
+
+What is checked.  The scalar objective is ``L = sum(y * r)`` with a fixed
+random ``r`` (so the backward gets ``dy = r``).  Every floating-point array
+argument that the backward returns a gradient for is compared against central
+differences in float64:
+
+* arrays with at most ``max_elementwise`` elements, element by element:
+  ``n_i = sum((y(x + h e_i) - y(x - h e_i)) * r) / 2h``;
+* larger arrays along ``n_directions`` random unit directions ``d``:
+  ``sum((y(x + h d) - y(x - h d)) * r) / 2h`` against ``<grad, d>``.
+
+The outputs are subtracted *before* the dot product with ``r``, so entries the
+perturbation does not reach cancel exactly and do not add round-off.
+
+Error measure (cs231n's ``rel_error`` with a floor).  Element-wise:
+``|a_i - n_i| / max(|a_i| + |n_i|, 1e-3 * max_j(|a_j| + |n_j|))`` -- entries
+a thousand times smaller than the largest one are measured against that
+floor, because finite differences cannot resolve them relatively.  Directional:
+``|a - n| / max(|a| + |n|, tiny)``.  A check passes when the largest error is
+``<= rtol`` (default 1e-6).
+
+Inputs are converted to float64 copies; keep them away from kinks (ReLU at 0,
+ties in max pooling), where finite differences are not defined.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import get_array_module, is_array, to_numpy
+
+__all__ = ["gradcheck", "gradcheck_layer", "GradcheckError", "GradResult", "rel_error",
+           "format_table"]
+
+
+class GradcheckError(AssertionError):
+    """Raised when an analytic gradient disagrees with finite differences."""
+
+
+@dataclass
+class GradResult:
+    name: str            # argument or parameter name
+    mode: str            # "elementwise" or "directional"
+    max_rel_error: float
+    passed: bool
+    worst: object = None  # index of the worst element, or the direction number
+    analytic: float = float("nan")
+    numeric: float = float("nan")
+    op: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = (f"element {self.worst}" if self.mode == "elementwise"
+                 else f"random direction #{self.worst}")
+        return (f"{self.op + ': ' if self.op else ''}gradient of '{self.name}' "
+                f"{'passes' if self.passed else 'FAILS'} ({self.mode}): worst at {where}: "
+                f"analytic {self.analytic:.10g}, numeric {self.numeric:.10g}, "
+                f"relative error {self.max_rel_error:.3g}")
+
+
+def rel_error(a, b) -> float:
+    """cs231n's measure: max |a - b| / max(|a| + |b|, 1e-300)."""
+    a, b = np.asarray(to_numpy(a), np.float64), np.asarray(to_numpy(b), np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(a) + np.abs(b), 1e-300)))
+
+
+def _as_float64(a):
+    if is_array(a) and a.dtype.kind == "f":
+        xp = get_array_module(a)
+        return xp.array(a, dtype=xp.float64, copy=True)
+    return a
+
+
+def _compare_elementwise(name, analytic, numeric, rtol, op):
+    a = np.asarray(to_numpy(analytic), np.float64).ravel()
+    n = np.asarray(to_numpy(numeric), np.float64).ravel()
+    mag = np.abs(a) + np.abs(n)
+    floor = max(1e-3 * float(mag.max(initial=0.0)), 1e-300)
+    err = np.abs(a - n) / np.maximum(mag, floor)
+    i = int(np.argmax(err)) if err.size else 0
+    worst = np.unravel_index(i, np.shape(analytic)) if err.size else ()
+    e = float(err[i]) if err.size else 0.0
+    return GradResult(name, "elementwise", e, e <= rtol, tuple(int(k) for k in worst),
+                      float(a[i]) if a.size else 0.0, float(n[i]) if n.size else 0.0, op)
+
+
+def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, max_elementwise,
+                 n_directions, rng, op):
+    """Compare ``analytic`` (gradient of sum(y*r) wrt ``arr``) with finite differences.
+
+    ``arr`` is perturbed in place and restored; ``eval_output()`` recomputes y.
+    """
+    xp = get_array_module(arr)
+    if tuple(analytic.shape) != tuple(arr.shape):
+        raise GradcheckError(f"{op + ': ' if op else ''}gradient of '{name}' has shape "
+                             f"{tuple(analytic.shape)} but the argument has shape {tuple(arr.shape)}")
+    original = arr.copy()
+    flat = arr.reshape(-1)  # a view: arr is contiguous (made by _as_float64 / the layer)
+
+    def directional(direction):
+        arr[...] = original + eps * direction
+        y_plus = xp.array(eval_output(), dtype=xp.float64, copy=True)
+        arr[...] = original - eps * direction
+        y_minus = xp.array(eval_output(), dtype=xp.float64, copy=True)
+        arr[...] = original
+        return float(((y_plus - y_minus) * r).sum()) / (2 * eps)
+
+    if arr.size <= max_elementwise:
+        numeric = np.zeros(arr.size)
+        for i in range(arr.size):
+            v = flat[i].copy()
+            flat[i] = v + eps
+            y_plus = xp.array(eval_output(), dtype=xp.float64, copy=True)
+            flat[i] = v - eps
+            y_minus = xp.array(eval_output(), dtype=xp.float64, copy=True)
+            flat[i] = v
+            numeric[i] = float(((y_plus - y_minus) * r).sum()) / (2 * eps)
+        return _compare_elementwise(name, analytic, numeric.reshape(arr.shape), rtol, op)
+
+    worst = None
+    for k in range(n_directions):
+        d = rng.standard_normal(arr.shape)
+        d /= np.linalg.norm(d)
+        d_x = xp.asarray(d)
+        a = float((xp.asarray(analytic, dtype=xp.float64) * d_x).sum())
+        n = directional(d_x)
+        e = abs(a - n) / max(abs(a) + abs(n), 1e-300)
+        if worst is None or e > worst.max_rel_error:
+            worst = GradResult(name, "directional", e, e <= rtol, k, a, n, op)
+    return worst
+
+
+def _finish(results, raise_on_fail):
+    failed = [res for res in results if not res.passed]
+    if failed and raise_on_fail:
+        raise GradcheckError("\n".join(res.describe() for res in failed))
+    return results
+
+
+def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=1e-6,
+              max_elementwise=256, n_directions=6, seed=0, raise_on_fail=True, op=""):
+    """Check ``backward`` against central finite differences of ``forward``.
+
+    Parameters
+    ----------
+    forward : callable ``forward(*args, **kwargs) -> (y, cache)``
+    backward : callable ``backward(dy, cache) -> grad or tuple of grads``; the
+        i-th gradient belongs to the i-th positional argument.  ``None``
+        gradients, and gradients of ``None`` or non-float arguments, are skipped.
+    *args : the forward's positional arguments.  Float arrays are copied to
+        float64; everything else is passed unchanged.
+    names : names of the positional arguments, for the report (default
+        ``arg0, arg1, ...``).
+    eps : finite-difference step ``h``.
+    rtol : largest accepted relative error (see the module docstring).
+    max_elementwise : arrays with more elements are checked along
+        ``n_directions`` random directions instead of element by element.
+    raise_on_fail : raise :class:`GradcheckError` naming every failing
+        argument, its worst element or direction, both values and the error.
+
+    Returns the list of :class:`GradResult`, one per checked argument.
+    """
+    kwargs = dict(kwargs or {})
+    args = [_as_float64(a) for a in args]
+    names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
+    rng = np.random.default_rng(seed)
+
+    y, cache = forward(*args, **kwargs)
+    xp = get_array_module(y) if is_array(y) else np
+    r = xp.asarray(rng.standard_normal(np.shape(y)))
+    grads = backward(r if is_array(y) else float(r), cache)
+    if not isinstance(grads, (tuple, list)):
+        grads = (grads,)
+    if len(grads) > len(args):
+        raise GradcheckError(f"backward returned {len(grads)} gradients for {len(args)} arguments")
+
+    def eval_output():
+        return forward(*args, **kwargs)[0]
+
+    results = []
+    for i, g in enumerate(grads):
+        a = args[i]
+        if g is None or not is_array(a) or a.dtype.kind != "f":
+            continue
+        results.append(_check_array(names[i], a, g, eval_output, r, eps=eps, rtol=rtol,
+                                    max_elementwise=max_elementwise,
+                                    n_directions=n_directions, rng=rng, op=op))
+    return _finish(results, raise_on_fail)
+
+
+def gradcheck_layer(layer, x, *, eps=1e-6, rtol=1e-6, max_elementwise=256, n_directions=6,
+                    seed=0, raise_on_fail=True, check_input=True, op=""):
+    """Check a layer's input gradient and every parameter gradient.
+
+    ``layer`` needs ``forward(x) -> y``, ``backward(dy) -> dx`` and the dicts
+    ``params`` / ``grads`` (name -> array; ``backward`` fills ``grads``).  Its
+    parameters are converted to float64 in place (``layer.params[name]`` is
+    replaced), so build the layer just for the check.  Use train mode for
+    batch-statistics layers; layers with randomness (dropout) cannot be checked
+    this way.
+    """
+    rng = np.random.default_rng(seed)
+    for name in list(layer.params):
+        layer.params[name] = _as_float64(layer.params[name])
+    x = _as_float64(x)
+    y = layer.forward(x)
+    xp = get_array_module(y)
+    r = xp.asarray(rng.standard_normal(y.shape))
+    dx = layer.backward(r)
+    analytic = {name: layer.grads[name].copy() for name in layer.params}
+
+    def eval_output():
+        return layer.forward(x)
+
+    results = []
+    if check_input:
+        results.append(_check_array("x", x, dx, eval_output, r, eps=eps, rtol=rtol,
+                                    max_elementwise=max_elementwise,
+                                    n_directions=n_directions, rng=rng, op=op))
+    for name, p in layer.params.items():
+        results.append(_check_array(name, p, analytic[name], eval_output, r, eps=eps,
+                                    rtol=rtol, max_elementwise=max_elementwise,
+                                    n_directions=n_directions, rng=rng, op=op))
+    return _finish(results, raise_on_fail)
+
+
+def format_table(results) -> str:
+    """A plain-text table: op, argument, mode, max relative error, pass/fail."""
+    rows = [("op", "argument", "mode", "max rel error", "result")]
+    rows += [(res.op, res.name, res.mode, f"{res.max_rel_error:.2e}",
+              "pass" if res.passed else "FAIL") for res in results]
+    widths = [max(len(row[c]) for row in rows) for c in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
