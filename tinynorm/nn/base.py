@@ -1,0 +1,144 @@
+"""The layer abstraction: parameters, gradients and state, addressed by name.
+
+A layer owns
+
+* ``params``  -- name -> array, the trainable parameters.  The optimizer
+  updates them *in place*, so a layer must always read ``self.params[name]``
+  (never keep a second reference to the array).
+* ``grads``   -- name -> array, written by ``backward`` (overwritten, not
+  accumulated: every layer is used once per forward pass).
+* ``buffers`` -- name -> array, non-trainable state saved in checkpoints
+  (BN running statistics).
+* ``children`` -- name -> Layer, for composite layers.
+
+``forward(x) -> y`` caches what ``backward(dy) -> dx`` needs.  ``train()`` and
+``eval()`` switch the mode recursively.  Full names are dotted paths, e.g.
+``"3.conv.v"``; ``named_parameters()`` walks them in a fixed order.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+
+__all__ = ["Layer", "Sequential"]
+
+
+class Layer:
+    # keys of params that receive weight decay (see tinynorm.optim.SGD)
+    decay_keys: tuple = ("w", "v")
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.buffers: dict = {}
+        self.children: dict = {}
+        self.training = True
+        # set by the trainer to record ||output||_2 after every forward (Figure 4)
+        self.track_output_norm = False
+        self.output_norm = float("nan")
+
+    # -- computation ---------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        y = self.forward(x)
+        if self.track_output_norm:
+            xp = get_array_module(y)
+            self.output_norm = float(xp.sqrt((y.astype(xp.float64) ** 2).sum()))
+        return y
+
+    # -- modes -----------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self.training = mode
+        for child in self.children.values():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- naming ----------------------------------------------------------------
+    def named_layers(self, prefix: str = ""):
+        """Yield ``(dotted_name, layer)`` for this layer and every descendant."""
+        yield prefix, self
+        for name, child in self.children.items():
+            yield from child.named_layers(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self):
+        """Yield ``(full_name, layer, key)`` for every trainable parameter."""
+        for lname, layer in self.named_layers():
+            for key in layer.params:
+                yield (f"{lname}.{key}" if lname else key), layer, key
+
+    def parameters(self) -> dict:
+        return {name: layer.params[key] for name, layer, key in self.named_parameters()}
+
+    def gradients(self) -> dict:
+        return {name: layer.grads.get(key) for name, layer, key in self.named_parameters()}
+
+    def num_parameters(self) -> int:
+        return int(sum(p.size for p in self.parameters().values()))
+
+    def state_dict(self) -> dict:
+        """Parameters and buffers by full name (``buffer:`` names for buffers)."""
+        state = dict(self.parameters())
+        for lname, layer in self.named_layers():
+            for key, buf in layer.buffers.items():
+                state[f"{lname}.{key}" if lname else key] = buf
+        return state
+
+    def load_state_dict(self, state: dict):
+        """Copy arrays into the existing parameters and buffers, checking shapes."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"state does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+        for name, arr in own.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(arr.shape):
+                raise ValueError(f"'{name}': checkpoint shape {tuple(src.shape)} != model "
+                                 f"shape {tuple(arr.shape)}")
+            xp = get_array_module(arr)
+            arr[...] = xp.asarray(src, dtype=arr.dtype)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Sequential(Layer):
+    """Layers applied in order; children are named "0", "1", ... unless given names."""
+
+    def __init__(self, *layers, names=None):
+        super().__init__()
+        names = names or [str(i) for i in range(len(layers))]
+        for name, layer in zip(names, layers):
+            self.children[name] = layer
+
+    @property
+    def layers(self):
+        return list(self.children.values())
+
+    def forward(self, x):
+        for layer in self.children.values():
+            x = layer(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(list(self.children.values())):
+            dy = layer.backward(dy)
+        return dy
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({n}): {l!r}".replace("\n", "\n  ") for n, l in self.children.items())
+        return f"Sequential(\n{inner}\n)"
+
+
+def _as_pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)

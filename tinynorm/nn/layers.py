@@ -1,0 +1,178 @@
+"""Plain layers built on the ops: Conv2d, Linear, activations, pooling, dropout."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops
+from .base import Layer, _as_pair
+from .init import initialize
+
+__all__ = ["Conv2d", "Linear", "ReLU", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
+           "Flatten", "Dropout", "Identity"]
+
+
+class Conv2d(Layer):
+    """y = w * x + b.  params: ``w`` (C_out, C_in, kh, kw), ``b`` (C_out,) if bias."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, pad=0, bias=True, *, rng=None,
+                 init="xavier", dtype=np.float32):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        kh, kw = _as_pair(kernel)
+        self.stride, self.pad = stride, pad
+        self.params["w"] = initialize(init, (c_out, c_in, kh, kw), rng, dtype)
+        if bias:
+            self.params["b"] = np.zeros(c_out, dtype)
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = ops.conv2d_forward(x, self.params["w"], self.params.get("b"),
+                                            self.stride, self.pad)
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = ops.conv2d_backward(dy, self._cache)
+        self.grads["w"] = dw
+        if db is not None:
+            self.grads["b"] = db
+        self._cache = None
+        return dx
+
+    def __repr__(self):
+        co, ci, kh, kw = self.params["w"].shape
+        return f"Conv2d({ci}, {co}, {kh}x{kw}, stride={self.stride}, pad={self.pad}, bias={'b' in self.params})"
+
+
+class Linear(Layer):
+    """y = x w^T + b.  params: ``w`` (D_out, D_in), ``b`` (D_out,) if bias."""
+
+    def __init__(self, d_in, d_out, bias=True, *, rng=None, init="xavier", dtype=np.float32):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.params["w"] = initialize(init, (d_out, d_in), rng, dtype)
+        if bias:
+            self.params["b"] = np.zeros(d_out, dtype)
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = ops.linear_forward(x, self.params["w"], self.params.get("b"))
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = ops.linear_backward(dy, self._cache)
+        self.grads["w"] = dw
+        if db is not None:
+            self.grads["b"] = db
+        self._cache = None
+        return dx
+
+    def __repr__(self):
+        do, di = self.params["w"].shape
+        return f"Linear({di}, {do}, bias={'b' in self.params})"
+
+
+class _Stateless(Layer):
+    """A layer wrapping an op pair with no parameters."""
+
+    def _fwd(self, x):
+        raise NotImplementedError
+
+    def _bwd(self, dy, cache):
+        raise NotImplementedError
+
+    def forward(self, x):
+        y, self._cache = self._fwd(x)
+        return y
+
+    def backward(self, dy):
+        grads = self._bwd(dy, self._cache)
+        self._cache = None
+        return grads[0] if isinstance(grads, tuple) else grads
+
+
+class ReLU(_Stateless):
+    def _fwd(self, x):
+        return ops.relu_forward(x)
+
+    def _bwd(self, dy, cache):
+        return ops.relu_backward(dy, cache)
+
+    def __repr__(self):
+        return "ReLU()"
+
+
+class MaxPool2d(_Stateless):
+    def __init__(self, kernel, stride=None, pad=0):
+        super().__init__()
+        self.kernel, self.stride, self.pad = kernel, stride or kernel, pad
+
+    def _fwd(self, x):
+        return ops.max_pool2d_forward(x, self.kernel, self.stride, self.pad)
+
+    def _bwd(self, dy, cache):
+        return ops.max_pool2d_backward(dy, cache)
+
+    def __repr__(self):
+        return f"MaxPool2d({self.kernel}, stride={self.stride}, pad={self.pad})"
+
+
+class AvgPool2d(MaxPool2d):
+    def _fwd(self, x):
+        return ops.avg_pool2d_forward(x, self.kernel, self.stride, self.pad)
+
+    def _bwd(self, dy, cache):
+        return ops.avg_pool2d_backward(dy, cache)
+
+    def __repr__(self):
+        return f"AvgPool2d({self.kernel}, stride={self.stride}, pad={self.pad})"
+
+
+class GlobalAvgPool2d(_Stateless):
+    """(N, C, H, W) -> (N, C): avg_pool2d over the whole map, then flatten."""
+
+    def _fwd(self, x):
+        y, cache = ops.avg_pool2d_forward(x, x.shape[2:], 1, 0)
+        return y.reshape(x.shape[0], x.shape[1]), (cache, y.shape)
+
+    def _bwd(self, dy, cache):
+        pool_cache, shape = cache
+        return ops.avg_pool2d_backward(dy.reshape(shape), pool_cache)
+
+    def __repr__(self):
+        return "GlobalAvgPool2d()"
+
+
+class Flatten(_Stateless):
+    def _fwd(self, x):
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def _bwd(self, dy, shape):
+        return dy.reshape(shape)
+
+
+class Identity(_Stateless):
+    def _fwd(self, x):
+        return x, None
+
+    def _bwd(self, dy, cache):
+        return dy
+
+
+class Dropout(Layer):
+    """Inverted dropout with its own seeded generator; identity in eval mode."""
+
+    def __init__(self, p, seed=0):
+        super().__init__()
+        self.p = p
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, x):
+        y, self._cache = ops.dropout_forward(x, self.p, self.rng, self.training)
+        return y
+
+    def backward(self, dy):
+        (dx,) = ops.dropout_backward(dy, self._cache)
+        return dx
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
