@@ -1,2 +1,86 @@
-"""(being written)"""
-__all__ = []
+"""Normalization propagation's ReLU (Arpit et al. 2016), paper section 3.2.
+
+    y = c1 * (relu(z) - c0),  c0 = sqrt(1 / (2 pi)),  c1 = 1 / sqrt(0.5 * (1 - 1/pi))
+
+For z ~ N(0, 1), relu(z) is a rectified Gaussian with mean 1/sqrt(2 pi) and
+variance 1/2 - 1/(2 pi) = 0.5 (1 - 1/pi), so y has mean 0 and variance 1:
+the NormProp layer restores the unit Gaussian its next layer assumes.
+
+Numerical facts (tests check them to 6 digits):
+    c0 = 0.3989422804014327   (the standard normal density at 0)
+    c1 = 1.712858550449663
+A known bug elsewhere uses sqrt(pi / 2) = 1.2533141373155 for c1 (or c0); it
+is neither constant: 1/sqrt(0.5 (1 - 1/pi)) != sqrt(pi/2).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import get_array_module
+
+__all__ = ["NORMPROP_C0", "NORMPROP_C1", "normprop_relu_forward", "normprop_relu_backward"]
+
+NORMPROP_C0 = math.sqrt(1.0 / (2.0 * math.pi))             # E[relu(z)], z ~ N(0, 1)
+NORMPROP_C1 = 1.0 / math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # 1 / std[relu(z)]
+
+
+def normprop_relu_forward(z):
+    """y = c1 * (relu(z) - c0).
+
+    Parameters
+    ----------
+    z : float array of any shape (a WN layer's pre-activation)
+
+    Returns y (like z) and the cache (the mask z > 0, boolean, like z).
+    """
+    xp = get_array_module(z)
+    if getattr(z, "dtype", None) is None or z.dtype.kind != "f":
+        raise ValueError(f"normprop_relu: z must be a floating-point array, got "
+                         f"{getattr(z, 'dtype', type(z).__name__)}")
+    mask = z > 0
+    c0 = z.dtype.type(NORMPROP_C0)
+    c1 = z.dtype.type(NORMPROP_C1)
+    y = (xp.maximum(z, 0) - c0) * c1
+    return y, mask
+
+
+def normprop_relu_backward(dy, cache):
+    """dz = c1 * dy * [z > 0]  (the subgradient 0 at z = 0).
+
+    Returns (dz,) with dz like dy.
+    """
+    mask = cache
+    return (dy * mask * dy.dtype.type(NORMPROP_C1),)
+
+
+def _normprop_conv_forward(x, v, gamma, beta, stride, pad, eps):
+    # the NormPropConv2d layer: c1 (relu(gamma (v * x) / (||v|| + eps) + beta) - c0)
+    from .weightnorm import wn_conv2d_forward
+    z, conv_cache = wn_conv2d_forward(x, v, gamma, beta, stride, pad, eps)
+    y, act_cache = normprop_relu_forward(z)
+    return y, (conv_cache, act_cache)
+
+
+def _normprop_conv_backward(dy, cache):
+    from .weightnorm import wn_conv2d_backward
+    conv_cache, act_cache = cache
+    (dz,) = normprop_relu_backward(dy, act_cache)
+    return wn_conv2d_backward(dz, conv_cache)
+
+
+def gradcheck_cases():
+    """(op_label, forward, backward, args, names) for ``python -m tinynorm gradcheck``."""
+    from .weightnorm import _have
+    rng = np.random.default_rng(13)
+    z = rng.standard_normal((4, 3, 5, 5))
+    z[np.abs(z) < 1e-3] = 0.5  # keep away from the kink at 0
+    cases = [("normprop_relu", normprop_relu_forward, normprop_relu_backward, (z,), ("z",))]
+    if _have("conv", "conv2d_forward"):
+        cases.append(("NormProp conv (WN conv, gamma/beta, normprop_relu)",
+                      _normprop_conv_forward, _normprop_conv_backward,
+                      (rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3)),
+                       np.abs(rng.standard_normal(4)) + 0.5, 0.3 * rng.standard_normal(4),
+                       1, 1, 1e-3), ("x", "v", "gamma", "beta", "stride", "pad", "eps")))
+    return cases
