@@ -1,2 +1,82 @@
-"""(being written)"""
-__all__ = []
+"""ReLU: y = max(x, 0).
+
+NumPy float32/float64 arrays run a numba kernel (one pass, launched through
+``_geometry.launch``); other arrays (CuPy) use ``xp.maximum``.  NaN inputs
+propagate to the output, as with ``numpy.maximum``, so a diverging network
+still shows NaN downstream.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .. import backend
+from . import _geometry as geo
+
+__all__ = ["relu_forward", "relu_backward", "gradcheck_cases"]
+
+
+@njit(parallel=True, cache=True)
+def _relu_kernel(x, y):
+    for i in prange(x.size):
+        v = x[i]
+        y[i] = 0 if v <= 0 else v   # NaN <= 0 is False: NaN passes through
+
+
+@njit(parallel=True, cache=True)
+def _relu_backward_kernel(dy, y, dx):
+    for i in prange(dy.size):
+        dx[i] = dy[i] if y[i] > 0 else 0
+
+
+def _fast(*arrays):
+    return all(isinstance(a, np.ndarray) and a.dtype in geo.FAST_DTYPES for a in arrays)
+
+
+def relu_forward(x):
+    """y = max(x, 0), elementwise.
+
+    x : any shape, floating point.  Returns y (same shape, C-contiguous) and
+    the cache ``y`` (its positive entries are where x > 0).
+    """
+    if not backend.is_array(x):
+        raise ValueError(f"relu: x must be a NumPy or CuPy array; got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"relu: x must be a floating-point array; got dtype {x.dtype}")
+    if _fast(x):
+        x = np.ascontiguousarray(x)
+        y = np.empty_like(x)
+        geo.launch(_relu_kernel, x.size, x.size, x.reshape(-1), y.reshape(-1))
+        return y, y
+    xp = backend.get_array_module(x)
+    y = xp.ascontiguousarray(xp.maximum(x, 0))
+    return y, y
+
+
+def relu_backward(dy, cache):
+    """dx = dy * [x > 0]  (= dy * [y > 0]); the kink at 0 gets gradient 0.
+
+    dy : same shape as x.  Returns ``(dx,)``.
+    """
+    y = cache
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"relu_backward: dy has shape {tuple(dy.shape)}, expected "
+                         f"{tuple(y.shape)} (the forward output's shape)")
+    if _fast(dy, y) and dy.dtype == y.dtype:
+        dy = np.ascontiguousarray(dy)
+        dx = np.empty_like(dy)
+        geo.launch(_relu_backward_kernel, dy.size, dy.size, dy.reshape(-1), y.reshape(-1),
+                   dx.reshape(-1))
+        return (dx,)
+    xp = backend.get_array_module(dy)
+    return (xp.where(y > 0, dy, xp.zeros((), dtype=dy.dtype)),)
+
+
+def gradcheck_cases():
+    """float64 inputs with |x| >= 0.1, away from the kink at 0."""
+    rng = np.random.default_rng(2)
+    cases = []
+    for shape in [(2, 3, 4, 5), (7, 6)]:
+        x = rng.uniform(0.1, 1.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+        cases.append((f"relu {shape}", relu_forward, relu_backward, (x,), ("x",)))
+    return cases

@@ -1,2 +1,582 @@
-"""(being written)"""
-__all__ = []
+"""2-D convolution (cross-correlation, as in every deep-learning library).
+
+    y[n, o, oy, ox] = b[o] + sum_{c, i, j} w[o, c, i, j] * x_pad[n, c, oy*sh + i, ox*sw + j]
+
+with ``x_pad`` the input zero-padded by ``ph`` rows / ``pw`` columns on each
+side, OH = (H + 2ph - kh) // sh + 1 and OW likewise.
+
+Shapes: x (N, C, H, W), w (C_out, C, kh, kw), b (C_out,) or None,
+y (N, C_out, OH, OW).  ``stride`` and ``pad`` are ints or (h, w) pairs.
+
+How it is computed (one selector, :func:`_path`, picks the branch):
+
+* CPU, NumPy float32/float64 -- im2col + one BLAS GEMM per pass.  With
+  K = C*kh*kw, P = OH*OW and col = im2col(x) of shape (K, N*P)
+  (see :mod:`tinynorm.ops._geometry`)::
+
+      forward        Y  (C_out, N*P) = w2 (C_out, K) @ col (K, N*P)
+      weight grad    dw (C_out, K)   = dY (C_out, N*P) @ col.T
+      input grad     dcol (K, N*P)   = w2.T @ dY,  dx = col2im(dcol)
+
+  The batch is folded into the GEMM's column dimension, so each pass is a
+  single large GEMM (no Python loop over samples or pixels); small numba
+  kernels move between NCHW and the (C_out, N*P) GEMM layout, adding the bias
+  / summing db on the way.  col, Y and dY live in per-thread reusable
+  workspaces (:func:`release_workspaces` frees them): the largest im2col buffer
+  of cifar10-nv at batch 128 is 462 MB, and a fresh allocation of that size
+  costs page faults on every call.  The forward caches ``x`` (a reference),
+  not ``col``; the backward recomputes ``col`` into the workspace, which costs
+  one memory-bound pass and saves holding a col per layer between forward and
+  backward.
+  The numba kernels run through ``_geometry.launch``, which decides between
+  one thread and all of numba's threads (see its docstring: on this 2-core
+  machine OpenBLAS's spinning idle threads make a second numba thread a loss
+  unless ``OPENBLAS_THREAD_TIMEOUT`` is set low).
+* CPU, 1x1 kernel / stride 1 / pad 0 -- no im2col: col is x with N and C
+  swapped (a plain transpose, or a view when N == 1).  When the per-sample
+  matrices are wide enough or one channel count is small
+  (:func:`_use_stacked`), forward and input gradient skip even that:
+  ``y[n] = w2 @ x[n]`` as one stacked ``numpy.matmul`` that writes NCHW
+  directly (and ``dx[n] = w2.T @ dy[n]``) -- N GEMMs inside one NumPy call.
+  The weight gradient always uses the single-GEMM form.
+* GPU (CuPy arrays) -- cuDNN through ``cupyx.cudnn`` when it imports, else the
+  array-generic im2col (``_geometry.im2col_reference``) + ``cupy.matmul``.
+  NEVER RUN ON A GPU: written against CuPy 13's documented ``cupyx.cudnn``
+  signatures on a machine without one.  The generic branch is exercised on
+  NumPy by the tests.
+
+``conv2d_reference_forward`` / ``conv2d_reference_backward`` are the slow,
+obviously correct direct convolution (a loop over the kh*kw kernel offsets of
+tensor contractions) that the tests hold the fast paths equal to.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+
+import numpy as np
+from numba import njit, prange, uint64
+
+from .. import backend
+from . import _geometry as geo
+
+__all__ = [
+    "conv2d_forward", "conv2d_backward", "conv2d_backward_data", "conv2d_backward_filter",
+    "conv2d_reference_forward", "conv2d_reference_backward", "release_workspaces",
+    "gradcheck_cases",
+]
+
+_OP = "conv2d"
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------
+
+def _check_args(x, w, b, stride, pad, op=_OP):
+    """Validate the forward's arguments; return (xp, kernel, stride, pad, (OH, OW))."""
+    if not backend.is_array(x):
+        raise ValueError(f"{op}: x must be a NumPy or CuPy array; got {type(x).__name__}")
+    if not backend.is_array(w):
+        raise ValueError(f"{op}: w must be a NumPy or CuPy array; got {type(w).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
+    if w.ndim != 4:
+        raise ValueError(f"{op}: w must be 4-D (C_out, C_in, kh, kw); got shape "
+                         f"{tuple(w.shape)}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"{op}: x must be a floating-point array; got dtype {x.dtype}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"{op}: dtype mismatch: x is {x.dtype} but w is {w.dtype}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: channel mismatch: x has C={x.shape[1]} channels "
+                         f"(shape {tuple(x.shape)}) but w expects C_in={w.shape[1]} "
+                         f"(shape {tuple(w.shape)})")
+    if min(x.shape) == 0 or min(w.shape) == 0:
+        raise ValueError(f"{op}: empty array: x shape {tuple(x.shape)}, w shape "
+                         f"{tuple(w.shape)}")
+    arrays = [x, w]
+    if b is not None:
+        if not backend.is_array(b):
+            raise ValueError(f"{op}: b must be an array or None; got {type(b).__name__}")
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{op}: bias shape mismatch: b has shape {tuple(b.shape)}, "
+                             f"expected ({w.shape[0]},) (one per output channel)")
+        if b.dtype != x.dtype:
+            raise ValueError(f"{op}: dtype mismatch: x is {x.dtype} but b is {b.dtype}")
+        arrays.append(b)
+    xp = backend.get_array_module(*arrays)
+    if any(backend.get_array_module(a) is not xp for a in arrays):
+        raise ValueError(f"{op}: x, w and b must all be NumPy or all CuPy arrays")
+    stride = geo.pair(stride, "stride", op, minimum=1)
+    pad = geo.pair(pad, "pad", op, minimum=0)
+    kernel = (int(w.shape[2]), int(w.shape[3]))
+    out_hw = geo.window_geometry(op, x.shape, kernel, stride, pad)
+    return xp, kernel, stride, pad, out_hw
+
+
+# ----------------------------------------------------------------------------
+# workspaces
+# ----------------------------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _workspace(name, shape, dtype):
+    """A C-contiguous array of ``shape`` backed by a reusable per-thread buffer.
+
+    The buffer grows to the largest request and is never shrunk; the returned
+    view is valid until the next request of the same ``name`` on this thread.
+    Never hand a workspace view back to a caller.
+    """
+    pool = getattr(_tls, "pool", None)
+    if pool is None:
+        pool = _tls.pool = {}
+    size = 1
+    for s in shape:
+        size *= int(s)
+    key = (name, np.dtype(dtype).str)
+    buf = pool.get(key)
+    if buf is None or buf.size < size:
+        buf = pool[key] = np.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
+def release_workspaces():
+    """Free this thread's im2col / GEMM workspaces (they are re-made on demand)."""
+    _tls.pool = {}
+
+
+# ----------------------------------------------------------------------------
+# numba layout kernels: NCHW <-> (C_out, N*P)
+# ----------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _cnp_to_nchw_kernel(src, bias, n_batch, n_out, plane, dst):
+    """dst[n, o, p] = src[o, n*P + p] + bias[o]   (flat arrays)."""
+    n_cols = n_batch * plane
+    for no in prange(n_batch * n_out):
+        n = no // n_out
+        o = no - n * n_out
+        s = uint64(o * n_cols + n * plane)
+        d = uint64(no * plane)
+        bo = bias[o]
+        for t in range(uint64(plane)):
+            dst[d + t] = src[s + t] + bo
+
+
+# reassoc: lets LLVM vectorise the float64 sum (a serial add chain otherwise; 3.5x
+# slower for the cifar10-nv conv2 dy).  The sum is accumulated in float64.
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _nchw_to_cnp_kernel(src, n_batch, n_chan, plane, dst, sums, want_sums):
+    """dst[c, n*P + p] = src[n, c, p];  sums[c] = sum over (n, p) in float64."""
+    n_cols = n_batch * plane
+    for c in prange(n_chan):
+        acc = 0.0
+        for n in range(n_batch):
+            s = uint64((n * n_chan + c) * plane)
+            d = uint64(c * n_cols + n * plane)
+            if want_sums:
+                for t in range(uint64(plane)):
+                    v = src[s + t]
+                    dst[d + t] = v
+                    acc += v
+            else:
+                for t in range(uint64(plane)):
+                    dst[d + t] = src[s + t]
+        if want_sums:
+            sums[c] = acc
+
+
+def _to_gemm_layout(a, name, want_sums=False):
+    """NCHW a (N, C, OH, OW) -> (C, N*OH*OW) and, if asked, per-channel float64
+    sums (C,) (else None).  The result is a workspace, or a view of ``a`` when N == 1."""
+    n, c, oh, ow = a.shape
+    a = np.ascontiguousarray(a)
+    if n == 1:
+        # (1, C, OH, OW) -> (C, OH*OW) is a reshape
+        sums = a.sum(axis=(0, 2, 3), dtype=np.float64) if want_sums else None
+        return a.reshape(c, oh * ow), sums
+    out = _workspace(name, (c, n * oh * ow), a.dtype)
+    sums = np.empty(c if want_sums else 0, dtype=np.float64)
+    geo.launch(_nchw_to_cnp_kernel, c, a.size, a.reshape(-1), n, c, oh * ow, out.reshape(-1),
+               sums, want_sums)
+    return out, (sums if want_sums else None)
+
+
+def _from_gemm_layout(a2, n, bias):
+    """(C, N*P) -> fresh NCHW (N, C, P) with ``bias`` (C,) added; bias may be None."""
+    c = a2.shape[0]
+    plane = a2.shape[1] // n
+    out = np.empty((n, c, plane), dtype=a2.dtype)
+    bias = np.zeros(c, dtype=a2.dtype) if bias is None else np.ascontiguousarray(bias)
+    geo.launch(_cnp_to_nchw_kernel, n * c, out.size, np.ascontiguousarray(a2).reshape(-1),
+               bias, n, c, plane, out.reshape(-1))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# path selection
+# ----------------------------------------------------------------------------
+
+_cudnn_module = None
+_cudnn_checked = False
+
+
+def _cudnn():
+    """``cupyx.cudnn`` if it imports (CuPy 13.x with the cuDNN library), else None."""
+    global _cudnn_module, _cudnn_checked
+    if not _cudnn_checked:
+        _cudnn_checked = True
+        if backend.cupy is not None:
+            try:
+                _cudnn_module = importlib.import_module("cupyx.cudnn")
+            except Exception:  # ImportError, or libcudnn failing to load
+                _cudnn_module = None
+    return _cudnn_module
+
+
+def _is_pointwise(kernel, stride, pad):
+    return kernel == (1, 1) and stride == (1, 1) and pad == (0, 0)
+
+
+def _use_stacked(c_in, c_out, plane):
+    """1x1 convs: per-sample products (one stacked ``numpy.matmul``) instead of
+    transposes + one GEMM, unless the per-sample matrices are too narrow
+    (P < 64) for an efficient GEMM while both channel counts are large.
+    Measured (2 cores, batch 128): cifar10-nv conv9 (320 -> 10, 5x5) forward
+    0.33 ms stacked vs 3.9 ms single-GEMM; conv8 (320 -> 320, 5x5) 5.4 ms vs
+    4.2 ms; ResNet 64 -> 256 at 56x56 (batch 32) 25 ms vs 44 ms."""
+    return plane >= 64 or min(c_in, c_out) <= 32
+
+
+def _path(xp, x):
+    """'cpu' (numba + BLAS), 'cudnn', or 'generic' (array-generic im2col + matmul)."""
+    if xp is np:
+        return "cpu" if x.dtype in geo.FAST_DTYPES else "generic"
+    return "cudnn" if _cudnn() is not None else "generic"
+
+
+# ----------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------
+
+def conv2d_forward(x, w, b=None, stride=1, pad=0):
+    """Convolution forward pass.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) float32 or float64, NumPy or CuPy
+    w : (C_out, C, kh, kw), same dtype and backend as x
+    b : (C_out,) or None
+    stride, pad : int or (h, w) pair; stride >= 1, pad >= 0
+
+    Returns
+    -------
+    y : (N, C_out, OH, OW), C-contiguous, OH = (H + 2*ph - kh) // sh + 1
+    cache : for :func:`conv2d_backward`
+    """
+    xp, kernel, stride, pad, (oh, ow) = _check_args(x, w, b, stride, pad)
+    path = _path(xp, x)
+    x = xp.ascontiguousarray(x)     # cached for the backward, which wants it contiguous
+    if path == "cpu":
+        y = _forward_cpu(x, w, b, kernel, stride, pad, oh, ow)
+    elif path == "cudnn":
+        y = _forward_cudnn(xp, x, w, b, stride, pad, oh, ow)
+    else:
+        y = _forward_generic(xp, x, w, b, kernel, stride, pad, oh, ow)
+    cache = (x, w, b is not None, kernel, stride, pad, path)
+    return y, cache
+
+
+def conv2d_backward(dy, cache):
+    """Convolution backward pass: ``(dx, dw, db)``; ``db`` is None without bias.
+
+    With col = im2col(x) (K, N*P), K = C*kh*kw, P = OH*OW, and dY = dy laid
+    out as (C_out, N*P)::
+
+        dw  = dY @ col.T                      reshaped to (C_out, C, kh, kw)
+        dx  = col2im(w2.T @ dY)               w2 = w reshaped to (C_out, K)
+        db  = sum_{n, oy, ox} dy[n, :, oy, ox]
+
+    i.e. dx[n, c, h, v] = sum_{o, i, j} w[o, c, i, j] * dy[n, o, oy, ox] over the
+    (oy, ox) whose window covers input pixel (h, v) at offset (i, j).
+
+    dy : (N, C_out, OH, OW); returns dx (N, C, H, W), dw like w, db (C_out,) or None.
+    """
+    x, w, has_bias, kernel, stride, pad, path = cache
+    _check_dy(dy, x, w, kernel, stride, pad)
+    if path == "cpu":
+        dy2, db = _to_gemm_layout(dy, "dy", want_sums=has_bias)
+        dw = _backward_filter_cpu(dy2, x, w, kernel, stride, pad)
+        dx = _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad)
+        return dx, dw, (db.astype(x.dtype) if has_bias else None)
+    if path == "cudnn":
+        return _backward_cudnn(dy, x, w, has_bias, stride, pad)
+    return _backward_generic(dy, x, w, has_bias, kernel, stride, pad)
+
+
+def conv2d_backward_data(dy, cache):
+    """Only the input gradient ``dx = col2im(w2.T @ dY)`` (see :func:`conv2d_backward`).
+
+    For callers that need no weight gradient; also timed on its own by
+    ``experiments/bench_ops.py``.  dy (N, C_out, OH, OW) -> dx (N, C, H, W).
+    """
+    x, w, has_bias, kernel, stride, pad, path = cache
+    _check_dy(dy, x, w, kernel, stride, pad)
+    if path == "cpu":
+        stacked = (_is_pointwise(kernel, stride, pad)
+                   and _use_stacked(x.shape[1], w.shape[0], dy.shape[2] * dy.shape[3]))
+        dy2 = None if stacked else _to_gemm_layout(dy, "dy")[0]
+        return _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad)
+    if path == "cudnn":
+        return _backward_cudnn(dy, x, w, has_bias, stride, pad, need=("dx",))[0]
+    return _backward_generic(dy, x, w, has_bias, kernel, stride, pad)[0]
+
+
+def conv2d_backward_filter(dy, cache):
+    """Only the parameter gradients ``(dw, db)`` with ``dw = dY @ col.T`` and
+    ``db = sum_{n,oy,ox} dy`` (see :func:`conv2d_backward`); db is None without bias.
+
+    For a first layer, whose input needs no gradient.  dy (N, C_out, OH, OW).
+    """
+    x, w, has_bias, kernel, stride, pad, path = cache
+    _check_dy(dy, x, w, kernel, stride, pad)
+    if path == "cpu":
+        dy2, db = _to_gemm_layout(dy, "dy", want_sums=has_bias)
+        dw = _backward_filter_cpu(dy2, x, w, kernel, stride, pad)
+        return dw, (db.astype(x.dtype) if has_bias else None)
+    if path == "cudnn":
+        return _backward_cudnn(dy, x, w, has_bias, stride, pad, need=("dw",))[1:]
+    return _backward_generic(dy, x, w, has_bias, kernel, stride, pad)[1:]
+
+
+def _check_dy(dy, x, w, kernel, stride, pad):
+    oh, ow = geo.window_geometry(_OP, x.shape, kernel, stride, pad)
+    expected = (x.shape[0], w.shape[0], oh, ow)
+    if tuple(dy.shape) != expected:
+        raise ValueError(f"{_OP}_backward: dy has shape {tuple(dy.shape)}, expected "
+                         f"{expected} (the forward output's shape)")
+    if dy.dtype != x.dtype:
+        raise ValueError(f"{_OP}_backward: dtype mismatch: dy is {dy.dtype} but the "
+                         f"forward ran in {x.dtype}")
+
+
+# ----------------------------------------------------------------------------
+# CPU: numba im2col + one BLAS GEMM per pass
+# ----------------------------------------------------------------------------
+
+def _col_cpu(x, kernel, stride, pad):
+    """col (K, N*P) of x in a workspace (or a view of x for 1x1 with N == 1)."""
+    if _is_pointwise(kernel, stride, pad):
+        # 1x1 / stride 1 / pad 0: col is x with N and C swapped, (C, N*H*W)
+        return _to_gemm_layout(x, "col")[0]
+    n, c, h, v = x.shape
+    oh = geo.conv_outsize(h, kernel[0], stride[0], pad[0])
+    ow = geo.conv_outsize(v, kernel[1], stride[1], pad[1])
+    return geo.im2col(x, kernel, stride, pad,
+                      out=_workspace("col", (c * kernel[0] * kernel[1], n * oh * ow), x.dtype))
+
+
+def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
+    n = x.shape[0]
+    c_out = w.shape[0]
+    # w2: (C_out, C_in, kh, kw) -> (C_out, K), K = C_in*kh*kw, matching col's rows
+    w2 = np.ascontiguousarray(w).reshape(c_out, -1)
+    if _is_pointwise(kernel, stride, pad) and _use_stacked(x.shape[1], c_out, oh * ow):
+        # x3: (N, C, P); (C_out, C) @ (N, C, P) -> (N, C_out, P), NCHW as is
+        y = np.matmul(w2, x.reshape(n, x.shape[1], oh * ow))
+        if b is not None:
+            y += b.reshape(1, c_out, 1)
+        return y.reshape(n, c_out, oh, ow)
+    col = _col_cpu(x, kernel, stride, pad)                        # (K, N*P)
+    if n == 1:
+        # (C_out, 1*P) is already NCHW: GEMM straight into the output
+        y = np.empty((1, c_out, oh, ow), dtype=x.dtype)
+        np.matmul(w2, col, out=y.reshape(c_out, oh * ow))
+        if b is not None:
+            y += b.reshape(1, c_out, 1, 1)
+        return y
+    # y2: (C_out, N*P), column index (n, oy, ox)
+    y2 = _workspace("gemm", (c_out, col.shape[1]), x.dtype)
+    np.matmul(w2, col, out=y2)
+    return _from_gemm_layout(y2, n, b).reshape(n, c_out, oh, ow)
+
+
+def _backward_filter_cpu(dy2, x, w, kernel, stride, pad):
+    """dw (C_out, C, kh, kw) = dY (C_out, N*P) @ col.T (N*P, K)."""
+    col = _col_cpu(x, kernel, stride, pad)
+    # dw2: (C_out, K) -> (C_out, C, kh, kw)
+    return np.matmul(dy2, col.T).reshape(w.shape)
+
+
+def _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad):
+    """dx (N, C, H, W) = col2im(w2.T (K, C_out) @ dY (C_out, N*P)).
+
+    dy2 is dy in GEMM layout, or None for a stacked 1x1 conv (which uses dy)."""
+    n, c, h, v = x.shape
+    c_out = w.shape[0]
+    w2 = np.ascontiguousarray(w).reshape(c_out, -1)
+    if _is_pointwise(kernel, stride, pad):
+        if _use_stacked(c, c_out, h * v):
+            # dy3: (N, C_out, P); (C, C_out) @ (N, C_out, P) -> (N, C, P), NCHW as is
+            return np.matmul(w2.T, np.ascontiguousarray(dy).reshape(n, c_out, h * v)
+                             ).reshape(n, c, h, v)
+        # col2im of a 1x1 / stride-1 / pad-0 conv is the (C, N*P) -> NCHW transpose
+        if n == 1:
+            return np.matmul(w2.T, dy2).reshape(1, c, h, v)
+        dcol = _workspace("col", (c, dy2.shape[1]), x.dtype)
+        np.matmul(w2.T, dy2, out=dcol)
+        return _from_gemm_layout(dcol, n, None).reshape(n, c, h, v)
+    dcol = _workspace("col", (w2.shape[1], dy2.shape[1]), x.dtype)
+    np.matmul(w2.T, dy2, out=dcol)
+    return geo.col2im(dcol, x.shape, kernel, stride, pad)
+
+
+# ----------------------------------------------------------------------------
+# array-generic: im2col + matmul (the GPU fallback; runs on NumPy in the tests)
+# ----------------------------------------------------------------------------
+
+def _forward_generic(xp, x, w, b, kernel, stride, pad, oh, ow):
+    n = x.shape[0]
+    c_out = w.shape[0]
+    col = geo.im2col_reference(x, kernel, stride, pad)           # (K, N*P)
+    y2 = xp.matmul(w.reshape(c_out, -1), col)                    # (C_out, N*P)
+    # (C_out, N, OH, OW) -> (N, C_out, OH, OW)
+    y = xp.ascontiguousarray(y2.reshape(c_out, n, oh, ow).transpose(1, 0, 2, 3))
+    if b is not None:
+        y += b.reshape(1, c_out, 1, 1)
+    return y
+
+
+def _backward_generic(dy, x, w, has_bias, kernel, stride, pad):
+    xp = backend.get_array_module(dy)
+    c_out = w.shape[0]
+    # dy: (N, C_out, OH, OW) -> (C_out, N, OH, OW) -> dY (C_out, N*P)
+    dy2 = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(c_out, -1)
+    col = geo.im2col_reference(x, kernel, stride, pad)           # (K, N*P)
+    dw = xp.matmul(dy2, col.T).reshape(w.shape)
+    dcol = xp.matmul(w.reshape(c_out, -1).T, dy2)                # (K, N*P)
+    dx = geo.col2im_reference(dcol, x.shape, kernel, stride, pad)
+    db = dy.sum(axis=(0, 2, 3)) if has_bias else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# GPU: cuDNN (NEVER RUN ON A GPU -- written against CuPy 13's cupyx.cudnn API:
+#   convolution_forward(x, W, b, y, pad, stride, dilation, groups, *, auto_tune,
+#                       tensor_core)
+#   convolution_backward_data(W, gy, b, gx, pad, stride, dilation, groups, *,
+#                             deterministic, auto_tune, tensor_core)
+#   convolution_backward_filter(x, gy, gW, pad, stride, dilation, groups, *,
+#                               deterministic, auto_tune, tensor_core)
+# each writes into its preallocated output argument)
+# ----------------------------------------------------------------------------
+
+# "auto" lets CuPy decide on tensor cores (it enables them for float16 only);
+# float64 gradient checks must not lose precision, so they say "never".
+def _tensor_core(dtype):
+    return "never" if dtype == np.float64 else "auto"
+
+
+def _forward_cudnn(xp, x, w, b, stride, pad, oh, ow):
+    cudnn = _cudnn()
+    y = xp.empty((x.shape[0], w.shape[0], oh, ow), dtype=x.dtype)
+    cudnn.convolution_forward(x, xp.ascontiguousarray(w), b, y, pad, stride, (1, 1), 1,
+                              auto_tune=False, tensor_core=_tensor_core(x.dtype))
+    return y
+
+
+def _backward_cudnn(dy, x, w, has_bias, stride, pad, need=("dx", "dw")):
+    cudnn = _cudnn()
+    xp = backend.get_array_module(dy)
+    dy = xp.ascontiguousarray(dy)
+    dx = dw = None
+    if "dx" in need:
+        dx = xp.empty(x.shape, dtype=x.dtype)
+        cudnn.convolution_backward_data(xp.ascontiguousarray(w), dy, None, dx, pad, stride,
+                                        (1, 1), 1, deterministic=False, auto_tune=False,
+                                        tensor_core=_tensor_core(x.dtype))
+    if "dw" in need:
+        dw = xp.empty(w.shape, dtype=w.dtype)
+        cudnn.convolution_backward_filter(x, dy, dw, pad, stride, (1, 1), 1,
+                                          deterministic=False, auto_tune=False,
+                                          tensor_core=_tensor_core(x.dtype))
+    db = dy.sum(axis=(0, 2, 3)) if (has_bias and "dw" in need) else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# slow reference (tests only)
+# ----------------------------------------------------------------------------
+
+def conv2d_reference_forward(x, w, b=None, stride=1, pad=0):
+    """Direct convolution, one tensor contraction per kernel offset (slow; tests).
+
+    y[n, o] = b[o] + sum_{i, j} sum_c w[o, c, i, j] * x_pad[n, c, i::sh, j::sw]
+    (window of OH x OW).  Same arguments, shapes and cache contract as
+    :func:`conv2d_forward`.
+    """
+    xp, (kh, kw), (sh, sw), (ph, pw), (oh, ow) = _check_args(x, w, b, stride, pad)
+    x_pad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    y = xp.zeros((x.shape[0], w.shape[0], oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x_pad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            y += xp.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    if b is not None:
+        y += b.reshape(1, -1, 1, 1)
+    return y, (x, w, b is not None, (kh, kw), (sh, sw), (ph, pw))
+
+
+def conv2d_reference_backward(dy, cache):
+    """Direct backward, one contraction per kernel offset (slow; tests).
+
+    For each offset (i, j), with patch = x_pad[:, :, i::sh, j::sw] (OH x OW)::
+
+        dw[:, :, i, j]            = sum_{n,oy,ox} dy[n, o] * patch[n, c]
+        dx_pad[:, :, i::sh, j::sw] += sum_o dy[n, o] * w[o, c, i, j]
+        db                        = sum_{n,oy,ox} dy
+    """
+    x, w, has_bias, (kh, kw), (sh, sw), (ph, pw) = cache
+    xp = backend.get_array_module(x)
+    n, c, h, v = x.shape
+    oh, ow = dy.shape[2:]
+    x_pad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    dx_pad = xp.zeros_like(x_pad)
+    dw = xp.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            window = (slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
+                      slice(j, j + sw * (ow - 1) + 1, sw))
+            dw[:, :, i, j] = xp.einsum("nohw,nchw->oc", dy, x_pad[window])
+            dx_pad[window] += xp.einsum("nohw,oc->nchw", dy, w[:, :, i, j])
+    dx = xp.ascontiguousarray(dx_pad[:, :, ph:ph + h, pw:pw + v])
+    db = dy.sum(axis=(0, 2, 3)) if has_bias else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# `tinynorm gradcheck`
+# ----------------------------------------------------------------------------
+
+def gradcheck_cases():
+    """Small float64 cases: kernels 1/3/5 and 2x3, strides 1/2/(2,1), pads 0/1/2."""
+    rng = np.random.default_rng(0)
+    configs = [
+        # (N, C, H, W), C_out, (kh, kw), stride, pad, bias
+        ((2, 3, 5, 6), 4, (3, 3), 1, 1, True),
+        ((1, 2, 7, 5), 3, (3, 3), 2, 0, True),
+        ((2, 2, 6, 7), 3, (5, 5), 1, 2, False),
+        ((2, 3, 4, 5), 2, (1, 1), 1, 0, True),
+        ((1, 2, 7, 6), 3, (2, 3), (2, 1), (1, 2), True),
+    ]
+    cases = []
+    for shape, c_out, (kh, kw), stride, pad, bias in configs:
+        x = rng.standard_normal(shape)
+        w = rng.standard_normal((c_out, shape[1], kh, kw)) / np.sqrt(shape[1] * kh * kw)
+        b = rng.standard_normal(c_out) if bias else None
+        label = f"conv2d {kh}x{kw} s{stride} p{pad}"
+        cases.append((label, conv2d_forward, conv2d_backward, (x, w, b, stride, pad),
+                      ("x", "w", "b", "stride", "pad")))
+    return cases

@@ -1,0 +1,338 @@
+"""Window geometry shared by convolution and pooling: output sizes, argument
+checks, and the im2col / col2im layout transforms.
+
+Layout used everywhere in tinynorm (Chainer's and Caffe's "col" buffer, with
+the batch folded into the column index so that one GEMM covers the batch)::
+
+    col[(c, i, j), (n, oy, ox)] = x_pad[n, c, oy*sh + i, ox*sw + j]
+    shape (C*kh*kw, N*OH*OW), row index r = (c*kh + i)*kw + j,
+    column index q = (n*OH + oy)*OW + ox,
+
+where ``x_pad`` is ``x`` zero-padded by ``ph`` rows and ``pw`` columns on each
+side.  ``col2im`` is the adjoint (transpose) of ``im2col``: it sums every column
+entry back onto the input pixel it was copied from, which is exactly the
+input gradient of ``im2col``.
+
+Two implementations of each transform:
+
+* ``im2col_reference`` / ``col2im_reference``: array-generic (NumPy or CuPy),
+  a Python loop over the kh*kw kernel offsets with strided slices.  Used on the
+  GPU when cuDNN is missing and by the tests as the obviously-correct version.
+* ``im2col`` / ``col2im``: numba ``parallel=True`` kernels for C-contiguous
+  float32/float64 NumPy arrays, one ``prange`` over the N*C input planes (each
+  iteration reads one plane, which stays in L1/L2, and writes kh*kw contiguous
+  runs of OH*OW entries; in col2im each iteration owns its plane, so there are
+  no write races).  They fall back to the reference for other arrays.
+
+Every numba kernel of the ops (here, in conv, pooling and activations) is
+started through :func:`launch`, the one place that decides how many threads
+it gets; see :func:`blas_workers_spin` for why that is sometimes one.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange, uint64
+
+from .. import backend
+
+__all__ = [
+    "pair", "conv_outsize", "window_geometry", "im2col", "col2im",
+    "im2col_reference", "col2im_reference", "FAST_DTYPES", "launch",
+    "blas_workers_spin",
+]
+
+# The dtypes the numba kernels are compiled for.
+FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def pair(value, name: str, op: str, *, minimum: int):
+    """``value`` as an ``(h, w)`` tuple of ints, each ``>= minimum``.
+
+    Accepts an int or a length-2 sequence of ints; raises ``ValueError``
+    naming ``op`` and ``name`` otherwise.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        hw = (int(value), int(value))
+    else:
+        try:
+            hw = tuple(value)
+        except TypeError:
+            raise ValueError(f"{op}: {name} must be an int or an (h, w) pair of ints; "
+                             f"got {value!r}") from None
+        if len(hw) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                   for v in hw):
+            raise ValueError(f"{op}: {name} must be an int or an (h, w) pair of ints; "
+                             f"got {value!r}")
+        hw = (int(hw[0]), int(hw[1]))
+    if min(hw) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}; got {value!r}")
+    return hw
+
+
+def conv_outsize(size: int, k: int, s: int, p: int) -> int:
+    """Output length of a window of ``k`` sliding with stride ``s`` over
+    ``size`` input positions padded by ``p`` on each side (floor mode)."""
+    return (size + 2 * p - k) // s + 1
+
+
+def window_geometry(op: str, x_shape, kernel, stride, pad):
+    """Check a sliding-window configuration and return its output size.
+
+    x_shape : (N, C, H, W)
+    kernel, stride, pad : (h, w) int pairs (already validated by :func:`pair`)
+
+    Returns ``(OH, OW)``.  Raises ``ValueError`` naming ``op`` when the kernel
+    is larger than the padded input.
+    """
+    _, _, h, w = x_shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    if kh > h + 2 * ph or kw > w + 2 * pw:
+        raise ValueError(
+            f"{op}: kernel {kh}x{kw} is larger than the padded input "
+            f"{h + 2 * ph}x{w + 2 * pw} (input {h}x{w}, pad {ph},{pw})")
+    return conv_outsize(h, kh, sh, ph), conv_outsize(w, kw, sw, pw)
+
+
+# ----------------------------------------------------------------------------
+# Reference transforms (array-generic, loop over kernel offsets only)
+# ----------------------------------------------------------------------------
+
+def im2col_reference(x, kernel, stride, pad):
+    """x (N, C, H, W) -> col (C*kh*kw, N*OH*OW); see the module docstring."""
+    xp = backend.get_array_module(x)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x.shape
+    oh, ow = conv_outsize(h, kh, sh, ph), conv_outsize(w, kw, sw, pw)
+    x_pad = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    # col6: (C, kh, kw, N, OH, OW); row-major flattening gives the col layout
+    col6 = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            # window (i, j) of every output pixel: (N, C, OH, OW) -> (C, N, OH, OW)
+            patch = x_pad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            col6[:, i, j] = patch.transpose(1, 0, 2, 3)
+    return col6.reshape(c * kh * kw, n * oh * ow)
+
+
+def col2im_reference(col, x_shape, kernel, stride, pad):
+    """col (C*kh*kw, N*OH*OW) -> x (N, C, H, W), summing overlapping entries."""
+    xp = backend.get_array_module(col)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x_shape
+    oh, ow = conv_outsize(h, kh, sh, ph), conv_outsize(w, kw, sw, pw)
+    # col6: (C, kh, kw, N, OH, OW)
+    col6 = col.reshape(c, kh, kw, n, oh, ow)
+    x_pad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            # (C, N, OH, OW) -> (N, C, OH, OW), added onto window (i, j)
+            x_pad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += \
+                col6[:, i, j].transpose(1, 0, 2, 3)
+    return xp.ascontiguousarray(x_pad[:, :, ph:ph + h, pw:pw + w])
+
+
+# ----------------------------------------------------------------------------
+# numba kernels.  Flat 1-D arrays with explicit offsets; offsets are cast to
+# uint64 before indexing because numba adds a negative-index wrap-around branch
+# to every signed index, which stops LLVM from vectorising the unit-stride
+# inner loops (measured: 91 ms -> 34 ms for the cifar10-nv conv2 im2col).
+# ----------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _valid_range(j, pad, stride, size, out):
+    """Output positions o in [lo, hi) with 0 <= o*stride + j - pad < size."""
+    lo = 0
+    if j < pad:
+        lo = (pad - j + stride - 1) // stride
+    hi = (size - 1 + pad - j) // stride + 1  # Python floor division in numba
+    if hi > out:
+        hi = out
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
+@njit(cache=True, inline="always")
+def _fill_zero(a, start, count):
+    s = uint64(start)
+    for t in range(uint64(count)):
+        a[s + t] = 0
+
+
+@njit(parallel=True, cache=True)
+def _im2col_kernel(x, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, col):
+    plane_out = oh * ow
+    n_cols = n_batch * plane_out
+    for nc in prange(n_batch * n_chan):
+        n = nc // n_chan
+        c = nc - n * n_chan
+        x_base = nc * h * w
+        for i in range(kh):
+            for j in range(kw):
+                row = ((c * kh + i) * kw + j) * n_cols + n * plane_out
+                lo, hi = _valid_range(j, pw, sw, w, ow)
+                for oy in range(oh):
+                    iy = oy * sh + i - ph
+                    dst = row + oy * ow
+                    if iy < 0 or iy >= h:
+                        _fill_zero(col, dst, ow)
+                        continue
+                    _fill_zero(col, dst, lo)
+                    # first valid input column: (lo*sw + j - pw) >= 0
+                    src = uint64(x_base + iy * w + lo * sw + j - pw)
+                    d = uint64(dst + lo)
+                    if sw == 1:
+                        for t in range(uint64(hi - lo)):
+                            col[d + t] = x[src + t]
+                    else:
+                        step = uint64(sw)
+                        for t in range(uint64(hi - lo)):
+                            col[d + t] = x[src + t * step]
+                    _fill_zero(col, dst + hi, ow - hi)
+
+
+@njit(parallel=True, cache=True)
+def _col2im_kernel(col, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, x):
+    plane_out = oh * ow
+    n_cols = n_batch * plane_out
+    for nc in prange(n_batch * n_chan):
+        n = nc // n_chan
+        c = nc - n * n_chan
+        x_base = nc * h * w
+        _fill_zero(x, x_base, h * w)
+        for i in range(kh):
+            for j in range(kw):
+                row = ((c * kh + i) * kw + j) * n_cols + n * plane_out
+                lo, hi = _valid_range(j, pw, sw, w, ow)
+                for oy in range(oh):
+                    iy = oy * sh + i - ph
+                    if iy < 0 or iy >= h:
+                        continue
+                    src = uint64(row + oy * ow + lo)
+                    dst = uint64(x_base + iy * w + lo * sw + j - pw)
+                    if sw == 1:
+                        for t in range(uint64(hi - lo)):
+                            x[dst + t] += col[src + t]
+                    else:
+                        step = uint64(sw)
+                        for t in range(uint64(hi - lo)):
+                            x[dst + t * step] += col[src + t]
+
+
+# Launch policy for the parallel kernels (see :func:`launch`).
+PARALLEL_MIN_WORK = 1 << 18     # elements touched; below this, run on one thread
+CHUNKS_PER_THREAD = 4           # dynamic schedule granularity; 0 = numba's static split
+# "auto": parallel only when BLAS worker threads go to sleep promptly (below);
+# True / False force it.
+PARALLEL = "auto"
+
+
+def blas_workers_spin() -> bool:
+    """True unless the process was started with a short OpenBLAS thread timeout.
+
+    OpenBLAS's idle worker threads busy-wait for about 2**28 cycles (~0.1 s)
+    after every GEMM before they sleep, unless ``OPENBLAS_THREAD_TIMEOUT``
+    (read once, when NumPy loads OpenBLAS) sets a shorter 2**k.  A numba
+    worker started in that window shares its core with the spinner, and a
+    2-thread kernel ends up slower than a 1-thread one.  Measured on the
+    2-core development machine, im2col of cifar10-nv conv4 right after a
+    GEMM: 18.5 ms on 2 threads, 16 ms on 1 thread, 10 ms on 2 threads with
+    ``OPENBLAS_THREAD_TIMEOUT=4``.  In a training step every kernel follows a
+    GEMM by well under 0.1 s.
+    """
+    value = os.environ.get("OPENBLAS_THREAD_TIMEOUT") or os.environ.get("GOTO_THREAD_TIMEOUT")
+    try:
+        return not (value is not None and int(value) <= 16)
+    except ValueError:
+        return True
+
+
+def launch(kernel, n_iter, work, *args):
+    """Run a ``parallel=True`` numba kernel whose prange has ``n_iter`` iterations.
+
+    Runs on the calling thread only when the job is small (``work`` elements
+    < ``PARALLEL_MIN_WORK``: waking a second thread costs more than it saves)
+    or when :func:`blas_workers_spin` says a second thread would fight
+    OpenBLAS's spinning workers (``PARALLEL = "auto"``).  Otherwise it uses a
+    dynamic schedule in chunks of about ``n_iter / (CHUNKS_PER_THREAD *
+    threads)`` iterations, so that a thread slowed down by a competing process
+    takes fewer chunks instead of holding up the whole kernel.
+    """
+    n_threads = numba.get_num_threads()
+    parallel = PARALLEL if PARALLEL != "auto" else not blas_workers_spin()
+    if n_threads == 1 or not parallel or work < PARALLEL_MIN_WORK or n_iter < 2:
+        if n_threads == 1:
+            return kernel(*args)
+        numba.set_num_threads(1)
+        try:
+            return kernel(*args)
+        finally:
+            numba.set_num_threads(n_threads)
+    if CHUNKS_PER_THREAD <= 0:
+        return kernel(*args)
+    with numba.parallel_chunksize(max(1, n_iter // (CHUNKS_PER_THREAD * n_threads))):
+        return kernel(*args)
+
+
+def _fast_ok(*arrays):
+    return all(isinstance(a, np.ndarray) and a.dtype in FAST_DTYPES for a in arrays)
+
+
+def im2col(x, kernel, stride, pad, out=None):
+    """x (N, C, H, W) -> col (C*kh*kw, N*OH*OW).
+
+    ``out``: optional C-contiguous buffer with at least C*kh*kw*N*OH*OW
+    elements of x's dtype; its leading part is filled and returned as a view
+    (this is how conv2d reuses one workspace across calls).  NumPy float32 /
+    float64 input runs the numba kernel; anything else the reference.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x.shape
+    oh, ow = conv_outsize(h, kh, sh, ph), conv_outsize(w, kw, sw, pw)
+    shape = (c * kh * kw, n * oh * ow)
+    if not _fast_ok(x):
+        col = im2col_reference(x, kernel, stride, pad)
+        if out is not None:
+            view = out.reshape(-1)[:col.size].reshape(shape)
+            view[...] = col
+            return view
+        return col
+    x = np.ascontiguousarray(x)
+    size = shape[0] * shape[1]
+    if out is None:
+        flat = np.empty(size, dtype=x.dtype)
+    else:
+        flat = out.reshape(-1)[:size]
+    launch(_im2col_kernel, n * c, size, x.reshape(-1), n, c, h, w, kh, kw, sh, sw, ph, pw,
+           oh, ow, flat)
+    return flat.reshape(shape)
+
+
+def col2im(col, x_shape, kernel, stride, pad, out=None):
+    """col (C*kh*kw, N*OH*OW) -> x (N, C, H, W), the adjoint of :func:`im2col`.
+
+    ``out``: optional C-contiguous (N, C, H, W) array to write into (every
+    element is overwritten).
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x_shape
+    oh, ow = conv_outsize(h, kh, sh, ph), conv_outsize(w, kw, sw, pw)
+    if col.shape != (c * kh * kw, n * oh * ow):
+        raise ValueError(f"col2im: col has shape {col.shape}, expected "
+                         f"{(c * kh * kw, n * oh * ow)} for x shape {tuple(x_shape)}")
+    if not _fast_ok(col):
+        x = col2im_reference(col, x_shape, kernel, stride, pad)
+        if out is not None:
+            out[...] = x
+            return out
+        return x
+    col = np.ascontiguousarray(col)
+    if out is None:
+        out = np.empty((n, c, h, w), dtype=col.dtype)
+    launch(_col2im_kernel, n * c, col.size, col.reshape(-1), n, c, h, w, kh, kw, sh, sw, ph,
+           pw, oh, ow, out.reshape(-1))
+    return out
