@@ -30,7 +30,8 @@ Error measure (cs231n's ``rel_error`` with a floor).  Element-wise:
 a thousand times smaller than the largest one are measured against that
 floor, because finite differences cannot resolve them relatively.  Directional:
 ``|a - n| / max(|a| + |n|, tiny)``.  A check passes when the largest error is
-``<= rtol`` (default 1e-6).
+``<= rtol`` (default 1e-6), or where the absolute difference is ``<= atol``
+(default 0).
 
 Inputs are converted to float64 copies; keep them away from kinks (ReLU at 0,
 ties in max pooling), where finite differences are not defined.
@@ -85,20 +86,23 @@ def _as_float64(a):
     return a
 
 
-def _compare_elementwise(name, analytic, numeric, rtol, op):
+def _compare_elementwise(name, analytic, numeric, rtol, atol, op):
     a = np.asarray(to_numpy(analytic), np.float64).ravel()
     n = np.asarray(to_numpy(numeric), np.float64).ravel()
     mag = np.abs(a) + np.abs(n)
     floor = max(1e-3 * float(mag.max(initial=0.0)), 1e-300)
     err = np.abs(a - n) / np.maximum(mag, floor)
-    i = int(np.argmax(err)) if err.size else 0
+    # elements within atol pass whatever their relative error
+    judged = np.where(np.abs(a - n) <= atol, 0.0, err)
+    i = int(np.argmax(judged)) if err.size else 0
     worst = np.unravel_index(i, np.shape(analytic)) if err.size else ()
     e = float(err[i]) if err.size else 0.0
-    return GradResult(name, "elementwise", e, e <= rtol, tuple(int(k) for k in worst),
+    return GradResult(name, "elementwise", e, float(judged[i]) <= rtol if err.size else True,
+                      tuple(int(k) for k in worst),
                       float(a[i]) if a.size else 0.0, float(n[i]) if n.size else 0.0, op)
 
 
-def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, max_elementwise,
+def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, atol, max_elementwise,
                  n_directions, rng, op):
     """Compare ``analytic`` (gradient of sum(y*r) wrt ``arr``) with finite differences.
 
@@ -129,7 +133,7 @@ def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, max_elementw
             y_minus = xp.array(eval_output(), dtype=xp.float64, copy=True)
             flat[i] = v
             numeric[i] = float(((y_plus - y_minus) * r).sum()) / (2 * eps)
-        return _compare_elementwise(name, analytic, numeric.reshape(arr.shape), rtol, op)
+        return _compare_elementwise(name, analytic, numeric.reshape(arr.shape), rtol, atol, op)
 
     worst = None
     for k in range(n_directions):
@@ -140,7 +144,7 @@ def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, max_elementw
         n = directional(d_x)
         e = abs(a - n) / max(abs(a) + abs(n), 1e-300)
         if worst is None or e > worst.max_rel_error:
-            worst = GradResult(name, "directional", e, e <= rtol, k, a, n, op)
+            worst = GradResult(name, "directional", e, e <= rtol or abs(a - n) <= atol, k, a, n, op)
     return worst
 
 
@@ -151,7 +155,7 @@ def _finish(results, raise_on_fail):
     return results
 
 
-def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=1e-6,
+def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=1e-6, atol=0.0,
               max_elementwise=256, n_directions=6, seed=0, raise_on_fail=True, op=""):
     """Check ``backward`` against central finite differences of ``forward``.
 
@@ -167,6 +171,10 @@ def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=
         ``arg0, arg1, ...``).
     eps : finite-difference step ``h``.
     rtol : largest accepted relative error (see the module docstring).
+    atol : an element (or direction) whose analytic and numeric values differ
+        by at most ``atol`` passes whatever its relative error.  Default 0;
+        needed only where a gradient is zero by construction (e.g. BN's beta
+        feeding another BN), which finite differences see as round-off.
     max_elementwise : arrays with more elements are checked along
         ``n_directions`` random directions instead of element by element.
     raise_on_fail : raise :class:`GradcheckError` naming every failing
@@ -196,13 +204,13 @@ def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=
         a = args[i]
         if g is None or not is_array(a) or a.dtype.kind != "f":
             continue
-        results.append(_check_array(names[i], a, g, eval_output, r, eps=eps, rtol=rtol,
+        results.append(_check_array(names[i], a, g, eval_output, r, eps=eps, rtol=rtol, atol=atol,
                                     max_elementwise=max_elementwise,
                                     n_directions=n_directions, rng=rng, op=op))
     return _finish(results, raise_on_fail)
 
 
-def gradcheck_layer(layer, x, *, eps=1e-6, rtol=1e-6, max_elementwise=256, n_directions=6,
+def gradcheck_layer(layer, x, *, eps=1e-6, rtol=1e-6, atol=0.0, max_elementwise=256, n_directions=6,
                     seed=0, raise_on_fail=True, check_input=True, op=""):
     """Check a layer's input gradient and every parameter gradient.
 
@@ -214,28 +222,38 @@ def gradcheck_layer(layer, x, *, eps=1e-6, rtol=1e-6, max_elementwise=256, n_dir
     this way.
     """
     rng = np.random.default_rng(seed)
-    for name in list(layer.params):
-        layer.params[name] = _as_float64(layer.params[name])
+    # every parameter of the layer and of its descendants, by full name
+    owners = [(name, owner, key) for name, owner, key in _named_parameters(layer)]
+    for _, owner, key in owners:
+        owner.params[key] = _as_float64(owner.params[key])
     x = _as_float64(x)
     y = layer.forward(x)
     xp = get_array_module(y)
     r = xp.asarray(rng.standard_normal(y.shape))
     dx = layer.backward(r)
-    analytic = {name: layer.grads[name].copy() for name in layer.params}
+    analytic = {name: owner.grads[key].copy() for name, owner, key in owners}
 
     def eval_output():
         return layer.forward(x)
 
     results = []
     if check_input:
-        results.append(_check_array("x", x, dx, eval_output, r, eps=eps, rtol=rtol,
+        results.append(_check_array("x", x, dx, eval_output, r, eps=eps, rtol=rtol, atol=atol,
                                     max_elementwise=max_elementwise,
                                     n_directions=n_directions, rng=rng, op=op))
-    for name, p in layer.params.items():
-        results.append(_check_array(name, p, analytic[name], eval_output, r, eps=eps,
-                                    rtol=rtol, max_elementwise=max_elementwise,
+    for name, owner, key in owners:
+        results.append(_check_array(name, owner.params[key], analytic[name], eval_output, r,
+                                    eps=eps, rtol=rtol, atol=atol, max_elementwise=max_elementwise,
                                     n_directions=n_directions, rng=rng, op=op))
     return _finish(results, raise_on_fail)
+
+
+def _named_parameters(layer):
+    """(full name, owning layer, key) of every parameter, for layers with
+    ``named_parameters()`` (tinynorm.nn) or just a ``params`` dict."""
+    if hasattr(layer, "named_parameters"):
+        return list(layer.named_parameters())
+    return [(key, layer, key) for key in layer.params]
 
 
 def format_table(results) -> str:

@@ -1,0 +1,91 @@
+"""Shared machinery of the experiment scripts: presets, resumable runs, log copies.
+
+Every experiment has three presets:
+
+* ``paper`` -- the paper's settings (CIFAR-10 / ImageNet, full size; meant for a GPU);
+* ``cpu``   -- scaled to this 2-core machine on Fashion-MNIST; committed logs and figures;
+* ``smoke`` -- under two minutes; used by the tests and the README's first command.
+
+Run directories: ``runs/<preset>/<experiment>/<variant>/`` (checkpoint.h5, log.h5).
+Finished logs are copied to ``plots/logs/<experiment>/<variant>.h5`` for the
+``cpu`` preset (committed, so the figures can be redrawn without training) and
+to ``runs/<preset>/<experiment>/logs/`` otherwise.  Re-running a script resumes
+unfinished runs and skips finished ones.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tinynorm.train import Trainer, read_log  # noqa: E402
+
+PRESETS = ("paper", "cpu", "smoke")
+
+
+def parse_args(description, extra=None):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
+    p.add_argument("--only", help="comma-separated variants to run (default: all)")
+    p.add_argument("--runs", default=str(ROOT / "runs"), help="where run directories go")
+    p.add_argument("--data-root", default=None, help="data set directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the logs")
+    if extra:
+        extra(p)
+    return p.parse_args()
+
+
+def log_dir(preset, experiment, runs_root):
+    if preset == "cpu":
+        return ROOT / "plots" / "logs" / experiment
+    return Path(runs_root) / preset / experiment / "logs"
+
+
+def figure_path(preset, experiment, runs_root, name):
+    if preset == "cpu":
+        return ROOT / "plots" / f"{name}.png"
+    return Path(runs_root) / preset / experiment / f"{name}.png"
+
+
+def run_variants(experiment, variants, args):
+    """Run ``{variant: config}`` one after the other (resumable); return log paths."""
+    only = set(args.only.split(",")) if args.only else None
+    logs = {}
+    dest = log_dir(args.preset, experiment, args.runs)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, cfg in variants.items():
+        if only and name not in only:
+            continue
+        out = Path(args.runs) / args.preset / experiment / name
+        cfg = dict(cfg, out=str(out), progress=not args.no_progress)
+        if args.data_root:
+            cfg["data_root"] = args.data_root
+        log_copy = dest / f"{name}.h5"
+        if args.plot_only:
+            if log_copy.exists():
+                logs[name] = log_copy
+            continue
+        status = None
+        if (out / "log.h5").exists():
+            status = read_log(out)["status"]
+        t0 = time.time()
+        if status in ("completed", "diverged"):
+            print(f"[{experiment}] {name}: already {status}", flush=True)
+        else:
+            resume = (out / "checkpoint.h5").exists()
+            print(f"[{experiment}] {name}: {'resuming' if resume else 'starting'}", flush=True)
+            trainer = Trainer(cfg)
+            status = trainer.run(resume=resume)
+            extra = f" at iteration {trainer.diverged_at}" if status == "diverged" else ""
+            print(f"[{experiment}] {name}: {status}{extra} ({time.time() - t0:.0f} s)", flush=True)
+            if status == "interrupted":
+                raise SystemExit(130)
+        shutil.copyfile(out / "log.h5", log_copy)
+        logs[name] = log_copy
+    return logs

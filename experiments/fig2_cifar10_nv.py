@@ -1,0 +1,57 @@
+"""Figure 2: cifar10-nv with no normalization, BN, WN, NormProp and TReLU WN.
+
+Per-variant settings are the paper's footnote 3: SGD momentum 0.9, batch 128,
+initial lr 0.01 for all;
+  none      linear decay to 1e-5, no weight decay
+  bn        linear decay to 1e-5, wd 2e-3
+  wn        linear decay to 1e-4, no weight decay
+  normprop  poly (power 2) decay to 1e-5, wd 1e-3
+  trelu     poly (power 2) decay to 1e-5, wd 1e-3
+
+Presets (what each changes from the paper is listed in PRESETS below):
+  paper: CIFAR-10, 256 epochs, full width, random 28x28 crops of 32x32 + flips.
+  cpu:   Fashion-MNIST (zero-padded 28->32, random 28x28 crops + flips), width
+         0.25, 10k training images, 8 epochs -- the schedules keep their shape
+         over the shorter run.
+  smoke: width 1/16, 512 images, 1 epoch.
+
+    python experiments/fig2_cifar10_nv.py --preset cpu
+"""
+from common import figure_path, parse_args, run_variants
+
+PER_NORM = {
+    "none": dict(schedule="linear", lr_final=1e-5, weight_decay=0.0),
+    "bn": dict(schedule="linear", lr_final=1e-5, weight_decay=2e-3),
+    "wn": dict(schedule="linear", lr_final=1e-4, weight_decay=0.0),
+    "normprop": dict(schedule="poly", power=2.0, lr_final=1e-5, weight_decay=1e-3),
+    "trelu": dict(schedule="poly", power=2.0, lr_final=1e-5, weight_decay=1e-3),
+}
+
+COMMON = dict(model="cifar10_nv", lr=0.01, momentum=0.9, batch_size=128, seed=0)
+
+PRESETS = {
+    "paper": dict(dataset="cifar10", width=1.0, epochs=256, crop=28, pad=0),
+    "cpu": dict(dataset="fashion-mnist", width=0.25, epochs=8, train_limit=10000,
+                crop=28, pad=2),
+    "smoke": dict(dataset="fashion-mnist", width=1 / 16, epochs=1, train_limit=512,
+                  test_limit=500, batch_size=64, crop=28, pad=2),
+}
+
+
+def variants(preset):
+    return {norm: dict(COMMON, norm=norm, **PRESETS[preset], **extra)
+            for norm, extra in PER_NORM.items()}
+
+
+def main():
+    args = parse_args(__doc__)
+    logs = run_variants("fig2_cifar10_nv", variants(args.preset), args)
+    if logs:
+        from plots.figures import plot_training_curves
+        out = figure_path(args.preset, "fig2_cifar10_nv", args.runs, "fig2_cifar10_nv")
+        plot_training_curves(logs, out, title=f"cifar10-nv ({args.preset} preset)")
+        print(f"figure: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Redraw every committed figure from the committed cpu-preset logs:
+
+    python -m plots
+"""
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from plots.figures import (plot_divergence, plot_output_norms, plot_time_share,  # noqa: E402
+                           plot_training_curves)
+
+
+def logs_of(experiment):
+    d = HERE / "logs" / experiment
+    return {p.stem: p for p in sorted(d.glob("*.h5"))} if d.exists() else {}
+
+
+def main():
+    drawn = []
+    if logs := logs_of("fig2_cifar10_nv"):
+        plot_training_curves(logs, HERE / "fig2_cifar10_nv.png", "cifar10-nv (cpu preset)")
+        drawn.append("fig2_cifar10_nv.png")
+    if logs := logs_of("fig3_resnet50"):
+        plot_training_curves(logs, HERE / "fig3_resnet50.png", "ResNet-50 (cpu preset)")
+        plot_output_norms(logs, HERE / "fig4_output_norms.png",
+                          "ResNet-50 output norms (cpu preset)")
+        drawn += ["fig3_resnet50.png", "fig4_output_norms.png"]
+    if logs := logs_of("linear_divergence"):
+        print(plot_divergence(logs, HERE / "linear_divergence.png",
+                              "50-layer linear network (cpu preset)"))
+        drawn.append("linear_divergence.png")
+    prof = HERE / "logs" / "fig1_time_share" / "profile.json"
+    if prof.exists():
+        plot_time_share(json.loads(prof.read_text()), HERE / "fig1_time_share.png")
+        drawn.append("fig1_time_share.png")
+    print("drew:", ", ".join(drawn) if drawn else "nothing (no logs under plots/logs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Where a training step's time goes, by layer type (the paper's Figure 1).
+
+Every leaf layer's ``forward`` and ``backward`` is wrapped with a timer for
+the duration of the measurement; the time of a full step (forward, loss,
+backward, SGD update) is measured around it, and whatever no leaf accounts
+for (loss, optimizer, residual sums, Python glue) is reported as "other".
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from . import ops
+from .optim import SGD, LRSchedule
+
+__all__ = ["CATEGORIES", "category_of", "profile_step"]
+
+CATEGORIES = ("convolution", "batch norm", "relu", "pooling", "other")
+
+_BY_CLASS = {
+    "Conv2d": "convolution", "WNConv2d": "convolution",
+    "BatchNorm": "batch norm",
+    "ReLU": "relu", "NormPropReLU": "relu", "TReLU": "relu",
+    "MaxPool2d": "pooling", "AvgPool2d": "pooling", "GlobalAvgPool2d": "pooling",
+}
+
+
+def category_of(layer) -> str:
+    return _BY_CLASS.get(type(layer).__name__, "other")
+
+
+def _leaves(model):
+    return [layer for _, layer in model.named_layers() if not layer.children]
+
+
+def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3):
+    """Time ``steps`` training steps of ``model`` on the batch ``(x, y)``.
+
+    Returns ``{"total": seconds per step, "by_category": {category: seconds
+    per step}, "by_class": {layer class: seconds per step}}``; "other" is the
+    total minus the time inside the timed leaves.  Parameters change (SGD with
+    a small lr) as in real training.
+    """
+    opt = SGD(model, LRSchedule("constant", lr, 10**9), momentum=0.9)
+    timings = defaultdict(float)
+    originals = []
+    for layer in _leaves(model):
+        name = type(layer).__name__
+        for method in ("forward", "backward"):
+            fn = getattr(layer, method)
+
+            def timed(arg, _fn=fn, _name=name):
+                t0 = time.perf_counter()
+                out = _fn(arg)
+                timings[_name] += time.perf_counter() - t0
+                return out
+            originals.append((layer, method))
+            setattr(layer, method, timed)
+
+    def step():
+        logits = model(x)
+        _, dlogits = ops.softmax_cross_entropy(logits, y)
+        model.backward(dlogits)
+        opt.step()
+
+    try:
+        model.train()
+        for _ in range(warmup):
+            step()
+        timings.clear()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = (time.perf_counter() - t0) / steps
+    finally:
+        for layer, method in originals:
+            delattr(layer, method)   # back to the class method
+    by_class = {k: v / steps for k, v in timings.items()}
+    by_category = {c: 0.0 for c in CATEGORIES}
+    for cls, t in by_class.items():
+        by_category[_BY_CLASS.get(cls, "other")] += t
+    by_category["other"] += max(total - sum(by_class.values()), 0.0)
+    return {"total": total, "by_category": by_category, "by_class": by_class}
+
+
+def format_profile(result) -> str:
+    total = result["total"]
+    lines = [f"{'layer type':<14}{'ms/step':>10}{'share':>9}"]
+    for cat in CATEGORIES:
+        t = result["by_category"][cat]
+        lines.append(f"{cat:<14}{1e3 * t:>10.1f}{100 * t / total:>8.1f}%")
+    lines.append(f"{'total':<14}{1e3 * total:>10.1f}{100.0:>8.1f}%")
+    return "\n".join(lines)
