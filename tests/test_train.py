@@ -20,7 +20,8 @@ SMALL = dict(model="cifar10_nv", norm="bn", dataset="fashion-mnist", width=1 / 1
 
 
 def test_training_lowers_the_loss_and_beats_chance(tmp_path):
-    trainer = Trainer(dict(SMALL, epochs=3, out=str(tmp_path / "run")))
+    trainer = Trainer(dict(SMALL, width=1 / 8, batch_size=32, lr=0.05, epochs=3,
+                           out=str(tmp_path / "run")))
     assert trainer.run() == "completed"
     log = read_log(tmp_path / "run")
     loss = log["iter"]["loss"]
