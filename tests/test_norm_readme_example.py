@@ -1,8 +1,7 @@
 """Runs exactly the "Writing your own normalization" example, so it cannot rot.
 
 The text lives in README.md under the heading "## Writing your own
-normalization"; until it is pasted there it is read from docs/custom_norm.md
-(the same heading, or the whole file).  Every ```python block of the section
+normalization".  Every ```python block of the section
 is executed in order in one namespace; the blocks assert their own checks.
 """
 import re
@@ -37,14 +36,9 @@ def python_blocks(text):
 
 
 def example_source():
-    readme = ROOT / "README.md"
-    if readme.exists():
-        sec = section(readme.read_text())
-        if sec is not None:
-            return "README.md", sec
-    doc = (ROOT / "docs" / "custom_norm.md").read_text()
-    sec = section(doc)
-    return "docs/custom_norm.md", sec if sec is not None else doc
+    sec = section((ROOT / "README.md").read_text())
+    assert sec is not None, f"README.md has no section titled {TITLE!r}"
+    return "README.md", sec
 
 
 def test_section_extraction_helpers():
