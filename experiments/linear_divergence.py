@@ -26,11 +26,11 @@ COMMON = dict(model="deep_linear", depth=50, linear_width=64, schedule="constant
               diverge_loss=100.0, track_norms_every=1)
 
 PRESETS = {
-    "paper": dict(dataset="imagenet", batch_size=256, crop=224, pad=0, epochs=1,
+    "paper": dict(dataset="imagenet", batch_size=256, crop=224, pad=0, epochs=1000,
                   max_iters=1000, lrs=np.logspace(-4, 0, 9)),
-    "cpu": dict(dataset="fashion-mnist", batch_size=128, crop=28, pad=0, epochs=1,
+    "cpu": dict(dataset="fashion-mnist", min_std=10.0, batch_size=128, crop=28, pad=0, epochs=1000,
                 max_iters=300, lrs=np.logspace(-4, 0, 10)),
-    "smoke": dict(dataset="fashion-mnist", batch_size=64, crop=28, pad=0, epochs=1,
+    "smoke": dict(dataset="fashion-mnist", min_std=10.0, batch_size=64, crop=28, pad=0, epochs=1000,
                   max_iters=20, train_limit=1024, test_limit=200, lrs=np.logspace(-3, 0, 3)),
 }
 

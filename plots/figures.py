@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tinynorm.train import read_log  # noqa: E402
@@ -55,6 +56,7 @@ def plot_training_curves(logs: dict, out, title=""):
     axes[1].set(xlabel="iteration", ylabel="training top-1 accuracy, % (moving average)",
                 title="training accuracy")
     axes[2].set(xlabel="epoch", ylabel="test top-1 accuracy, %", title="test accuracy")
+    axes[2].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
