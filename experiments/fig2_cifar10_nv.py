@@ -34,8 +34,8 @@ COMMON = dict(model="cifar10_nv", lr=0.01, momentum=0.9, batch_size=128, seed=0)
 
 PRESETS = {
     "paper": dict(dataset="cifar10", width=1.0, epochs=256, crop=28, pad=0),
-    "cpu": dict(dataset="fashion-mnist", min_std=10.0, width=0.25, epochs=10, train_limit=20000,
-                crop=28, pad=2),
+    "cpu": dict(dataset="fashion-mnist", min_std=10.0, width=0.25, epochs=10,
+                train_limit=20000, crop=28, pad=2),
     "smoke": dict(dataset="fashion-mnist", min_std=10.0, width=1 / 8, epochs=2, train_limit=2048,
                   test_limit=1000, batch_size=64, crop=28, pad=2),
 }
