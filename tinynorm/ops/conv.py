@@ -58,6 +58,7 @@ import numpy as np
 from numba import njit, prange, uint64
 
 from .. import backend
+from . import _gemm
 from . import _geometry as geo
 
 __all__ = [
@@ -385,7 +386,7 @@ def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
     w2 = np.ascontiguousarray(w).reshape(c_out, -1)
     if _is_pointwise(kernel, stride, pad) and _use_stacked(x.shape[1], c_out, oh * ow):
         # x3: (N, C, P); (C_out, C) @ (N, C, P) -> (N, C_out, P), NCHW as is
-        y = np.matmul(w2, x.reshape(n, x.shape[1], oh * ow))
+        y = _gemm.matmul(w2, x.reshape(n, x.shape[1], oh * ow))
         if b is not None:
             y += b.reshape(1, c_out, 1)
         return y.reshape(n, c_out, oh, ow)
@@ -393,13 +394,13 @@ def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
     if n == 1:
         # (C_out, 1*P) is already NCHW: GEMM straight into the output
         y = np.empty((1, c_out, oh, ow), dtype=x.dtype)
-        np.matmul(w2, col, out=y.reshape(c_out, oh * ow))
+        _gemm.matmul(w2, col, out=y.reshape(c_out, oh * ow))
         if b is not None:
             y += b.reshape(1, c_out, 1, 1)
         return y
     # y2: (C_out, N*P), column index (n, oy, ox)
     y2 = _workspace("gemm", (c_out, col.shape[1]), x.dtype)
-    np.matmul(w2, col, out=y2)
+    _gemm.matmul(w2, col, out=y2)
     return _from_gemm_layout(y2, n, b).reshape(n, c_out, oh, ow)
 
 
@@ -407,7 +408,7 @@ def _backward_filter_cpu(dy2, x, w, kernel, stride, pad):
     """dw (C_out, C, kh, kw) = dY (C_out, N*P) @ col.T (N*P, K)."""
     col = _col_cpu(x, kernel, stride, pad)
     # dw2: (C_out, K) -> (C_out, C, kh, kw)
-    return np.matmul(dy2, col.T).reshape(w.shape)
+    return _gemm.matmul_nt_sum(dy2, col).reshape(w.shape)
 
 
 def _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad):
@@ -420,16 +421,16 @@ def _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad):
     if _is_pointwise(kernel, stride, pad):
         if _use_stacked(c, c_out, h * v):
             # dy3: (N, C_out, P); (C, C_out) @ (N, C_out, P) -> (N, C, P), NCHW as is
-            return np.matmul(w2.T, np.ascontiguousarray(dy).reshape(n, c_out, h * v)
-                             ).reshape(n, c, h, v)
+            return _gemm.matmul(w2.T, np.ascontiguousarray(dy).reshape(n, c_out, h * v)
+                                ).reshape(n, c, h, v)
         # col2im of a 1x1 / stride-1 / pad-0 conv is the (C, N*P) -> NCHW transpose
         if n == 1:
-            return np.matmul(w2.T, dy2).reshape(1, c, h, v)
+            return _gemm.matmul(w2.T, dy2).reshape(1, c, h, v)
         dcol = _workspace("col", (c, dy2.shape[1]), x.dtype)
-        np.matmul(w2.T, dy2, out=dcol)
+        _gemm.matmul(w2.T, dy2, out=dcol)
         return _from_gemm_layout(dcol, n, None).reshape(n, c, h, v)
     dcol = _workspace("col", (w2.shape[1], dy2.shape[1]), x.dtype)
-    np.matmul(w2.T, dy2, out=dcol)
+    _gemm.matmul(w2.T, dy2, out=dcol)
     return geo.col2im(dcol, x.shape, kernel, stride, pad)
 
 

@@ -1,0 +1,103 @@
+"""The speed paths of issue 7 against slow, obvious references (float64, tight)."""
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from tinynorm import backend, ops
+from tinynorm.ops import _gemm
+
+
+def rel_error(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+@pytest.fixture
+def force_split(monkeypatch):
+    """Split every product, on two BLAS threads."""
+    monkeypatch.setattr(_gemm, "SPLIT_MIN_FLOPS", 0)
+    calls = []
+    run_split = _gemm._run_split
+
+    def spy(jobs, n_threads):
+        calls.append(len(jobs))
+        return run_split(jobs, n_threads)
+    monkeypatch.setattr(_gemm, "_run_split", spy)
+    with threadpool_limits(2, user_api="blas"):
+        yield calls
+
+
+def _naive_matmul(a, b):
+    # the definition, one output element's sum at a time along the columns
+    return (a[:, :, None] * b[None, :, :]).sum(axis=1)
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 5, 7), (4, 1, 9), (1, 6, 2), (5, 8, 3)])
+def test_matmul_split_2d(force_split, rng, m, k, n):
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    out = np.full((m, n), np.nan)
+    assert _gemm.matmul(a, b, out=out) is out
+    assert rel_error(out, _naive_matmul(a, b)) < 1e-14
+    assert force_split == ([2] if n >= 4 else [])   # split in two when wide enough
+    # a transposed view as the left operand (the input gradient's w2.T)
+    assert rel_error(_gemm.matmul(a.T.copy().T, b), _naive_matmul(a, b)) < 1e-14
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_matmul_split_stacked(force_split, rng, batch):
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((batch, 3, 6))
+    got = _gemm.matmul(a, b)
+    want = np.stack([_naive_matmul(a, b[i]) for i in range(batch)])
+    assert got.shape == (batch, 4, 6)
+    assert rel_error(got, want) < 1e-14
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 40])
+def test_matmul_nt_sum(force_split, rng, length):
+    a, b = rng.standard_normal((3, length)), rng.standard_normal((5, length))
+    got = _gemm.matmul_nt_sum(a, b)
+    assert got.shape == (3, 5) and got.flags.c_contiguous
+    assert rel_error(got, _naive_matmul(a, b.T)) < 1e-13
+    assert force_split == ([2] if length >= 4 else [])
+
+
+def test_split_restores_blas_threads(force_split, rng):
+    a, b = rng.standard_normal((8, 8)), rng.standard_normal((8, 64))
+    _gemm.matmul(a, b)
+    _gemm.matmul_nt_sum(a, rng.standard_normal((5, 8)))
+    assert _gemm.blas_threads() == 2
+
+
+def test_no_split_for_other_arrays():
+    a = np.arange(6, dtype=np.int64).reshape(2, 3)
+    b = np.arange(12, dtype=np.int64).reshape(3, 4)
+    np.testing.assert_array_equal(_gemm.matmul(a, b), a @ b)
+
+
+@pytest.mark.parametrize("shape,c_out,kernel,stride,pad", [
+    ((3, 4, 7, 6), 5, 3, 1, 1),
+    ((2, 3, 8, 8), 4, 3, 2, 0),
+    ((4, 6, 5, 5), 7, 1, 1, 0),     # 1x1: the stacked path
+    ((1, 5, 4, 4), 3, 1, 1, 0),     # 1x1, N == 1
+    ((2, 3, 6, 5), 2, (2, 3), 1, (1, 0)),
+])
+def test_conv_with_split_gemms_matches_reference(force_split, rng, shape, c_out, kernel,
+                                                 stride, pad):
+    kh, kw = (kernel, kernel) if np.isscalar(kernel) else kernel
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((c_out, shape[1], kh, kw))
+    b = rng.standard_normal(c_out)
+    dy_shape = ops.conv2d_forward(x, w, b, stride, pad)[0].shape
+    dy = rng.standard_normal(dy_shape)
+    y, cache = ops.conv2d_forward(x, w, b, stride, pad)
+    y_ref, cache_ref = ops.conv2d_reference_forward(x, w, b, stride, pad)
+    assert rel_error(y, y_ref) < 1e-13
+    for got, want in zip(ops.conv2d_backward(dy, cache),
+                         ops.conv2d_reference_backward(dy, cache_ref)):
+        assert rel_error(got, want) < 1e-13
+    assert force_split                  # the GEMMs went through the split
+
+
+def test_tune_allocator_is_idempotent():
+    first = backend.tune_allocator()
+    assert backend.tune_allocator() is first
+    assert isinstance(first, bool)

@@ -1,0 +1,146 @@
+"""Large float GEMMs split into independent single-threaded BLAS calls.
+
+OpenBLAS parallelises one GEMM by splitting its output among its threads,
+which then meet at a barrier after every K-block of the product (a few
+hundred of them for the weight gradient of a conv, whose K is N*OH*OW).
+When another process holds one of the cores, the thread that waits at each
+barrier loses a scheduler time slice each time: measured on the 2-core
+development machine with a training job running beside it, the cifar10-nv
+conv2 weight gradient (128 x 100352 @ 100352 x 1152) took 1.8 s with
+OpenBLAS's two threads and 0.32 s as two single-threaded halves; on an idle
+machine the two are equally fast (the split is exact and each half is a
+large GEMM).  So for large products this module runs ``T`` single-threaded
+BLAS calls on ``T`` Python threads (NumPy releases the GIL inside matmul),
+each on its own slice, with one join at the end:
+
+* :func:`matmul` -- ``out = a @ b`` split along the columns of ``b`` (2-D) or
+  along the batch axis (3-D, NumPy's stacked matmul);
+* :func:`matmul_nt_sum` -- ``a @ b.T`` for a long shared inner dimension,
+  split along it (each thread's partial product summed at the end).
+
+T is OpenBLAS's own thread count at the time of the call (so
+``threadpoolctl.threadpool_limits`` still governs it); small products, T = 1,
+non-NumPy arrays or a BLAS other than OpenBLAS go straight to ``numpy.matmul``.
+While a split call runs, OpenBLAS is set to one thread process-wide.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = ["matmul", "matmul_nt_sum", "SPLIT_MIN_FLOPS", "blas_threads"]
+
+# Below this many multiply-adds a split costs more (thread hand-off ~50 us) than it saves.
+SPLIT_MIN_FLOPS = 1 << 24
+
+_lock = threading.Lock()
+_state = {"lib": None, "checked": False, "pool": None, "pool_size": 0}
+
+
+def _blas():
+    """threadpoolctl's controller of NumPy's OpenBLAS, or None."""
+    if not _state["checked"]:
+        _state["checked"] = True
+        try:
+            from threadpoolctl import ThreadpoolController
+            ctl = ThreadpoolController().select(internal_api="openblas")
+            _state["lib"] = ctl.lib_controllers[0] if ctl.lib_controllers else None
+        except Exception:  # threadpoolctl missing or unable to inspect the process
+            _state["lib"] = None
+    return _state["lib"]
+
+
+def blas_threads() -> int:
+    """OpenBLAS's current thread count (1 when it cannot be found)."""
+    lib = _blas()
+    if lib is None:
+        return 1
+    try:
+        return max(1, int(lib.get_num_threads()))
+    except Exception:
+        return 1
+
+
+def _pool(n):
+    if _state["pool_size"] < n:
+        _state["pool"] = ThreadPoolExecutor(n, thread_name_prefix="tinynorm-gemm")
+        _state["pool_size"] = n
+    return _state["pool"]
+
+
+def _bounds(total, parts):
+    step = -(-total // parts)
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
+
+
+def _run_split(jobs, n_threads):
+    """Run the callables ``jobs`` on ``n_threads`` threads with OpenBLAS at 1 thread."""
+    lib = _blas()
+    with _lock:                       # one split call at a time (it owns the BLAS setting)
+        lib.set_num_threads(1)
+        try:
+            futures = [_pool(n_threads).submit(job) for job in jobs[1:]]
+            first = jobs[0]()         # the calling thread takes the first slice
+            return [first] + [f.result() for f in futures]
+        finally:
+            lib.set_num_threads(n_threads)
+
+
+def _split_threads(*arrays, flops):
+    if flops < SPLIT_MIN_FLOPS:
+        return 1
+    if not all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in arrays):
+        return 1
+    n = blas_threads()
+    if n > 1 and _lock.locked():      # called from inside a split (or another thread's)
+        return 1
+    return n
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` like ``numpy.matmul(a, b, out=out)`` for a 2-D ``a`` (M, K) and
+    ``b`` either (K, N) or stacked (B, K, N); large products are split along N
+    (2-D) or B (3-D) over OpenBLAS's threads, each slice single-threaded."""
+    if b.ndim == 2:
+        m, k = a.shape
+        n = b.shape[1]
+        shape = (m, n)
+    else:
+        m, k = a.shape
+        n = b.shape[0] * b.shape[2]
+        shape = (b.shape[0], m, b.shape[2])
+    threads = _split_threads(a, b, flops=m * n * k)
+    axis = 1 if b.ndim == 2 else 0
+    if threads == 1 or b.shape[axis] < 2 * threads:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        out = np.empty(shape, dtype=np.result_type(a, b))
+    jobs = []
+    for s, e in _bounds(b.shape[axis], threads):
+        if axis == 1:
+            jobs.append(lambda s=s, e=e: np.matmul(a, b[:, s:e], out=out[:, s:e]))
+        else:
+            jobs.append(lambda s=s, e=e: np.matmul(a, b[s:e], out=out[s:e]))
+    _run_split(jobs, threads)
+    return out
+
+
+def matmul_nt_sum(a, b):
+    """``a @ b.T`` for a (M, L) and b (N, L) with a long shared axis L (a conv's
+    weight gradient dY @ col.T): each thread multiplies a slice of L, and the
+    partial (M, N) products are summed.  Returns a fresh C-contiguous (M, N)."""
+    m, length = a.shape
+    n = b.shape[0]
+    threads = _split_threads(a, b, flops=m * n * length)
+    if threads == 1 or length < 2 * threads:
+        return np.matmul(a, b.T)
+    # each slice as (b_s @ a_s.T).T: OpenBLAS handles this orientation better
+    # (measured 10-15% on the cifar10-nv conv shapes)
+    parts = _run_split([lambda s=s, e=e: np.matmul(b[:, s:e], a[:, s:e].T)
+                        for s, e in _bounds(length, threads)], threads)
+    total = parts[0]
+    for p in parts[1:]:
+        total += p
+    return np.ascontiguousarray(total.T)
