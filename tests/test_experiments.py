@@ -1,0 +1,73 @@
+"""The experiments' smoke presets run end to end: logs, statuses and figures."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinynorm.train import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_data = pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("TINYNORM_DATA"),
+                                reason="Fashion-MNIST not installed")
+
+
+def run_script(name, runs, *extra):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"),
+                           "--preset", "smoke", "--runs", str(runs), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def check_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@needs_data
+def test_fig2_smoke_runs_all_five_norms_and_resumes(tmp_path):
+    run_script("fig2_cifar10_nv", tmp_path)
+    logs = tmp_path / "smoke" / "fig2_cifar10_nv" / "logs"
+    for norm in ("none", "bn", "wn", "normprop", "trelu"):
+        log = read_log(logs / f"{norm}.h5")
+        assert log["status"] in ("completed", "diverged")
+        assert log["config"]["norm"] == norm
+    assert read_log(logs / "bn.h5")["config"]["weight_decay"] == 2e-3   # footnote 3
+    check_png(tmp_path / "smoke" / "fig2_cifar10_nv" / "fig2_cifar10_nv.png")
+    # a second call finds every run finished and trains nothing
+    out = run_script("fig2_cifar10_nv", tmp_path)
+    assert out.count("already") == 5
+
+
+@needs_data
+def test_fig3_and_linear_smoke(tmp_path):
+    run_script("fig3_resnet50", tmp_path)
+    exp = tmp_path / "smoke" / "fig3_resnet50"
+    for norm in ("bn", "wn", "normprop", "trelu"):
+        log = read_log(exp / "logs" / f"{norm}.h5")
+        assert log["config"]["bn_chunk"] == 32 and log["config"]["model"] == "resnet50"
+        if log["status"] == "completed":
+            assert len(log["norms"]["iteration"]) > 0
+    check_png(exp / "fig3_resnet50.png")
+    check_png(exp / "fig4_output_norms.png")
+
+    out = run_script("linear_divergence", tmp_path)
+    lines = [l for l in out.splitlines() if l.split()[:1] in (["wn"], ["bn"], ["none"])]
+    assert len(lines) == 9          # 3 norms x 3 learning rates
+    check_png(tmp_path / "smoke" / "linear_divergence" / "linear_divergence.png")
+
+
+def test_fig1_smoke_profiles_both_networks(tmp_path):
+    run_script("fig1_time_share", tmp_path)
+    exp = tmp_path / "smoke" / "fig1_time_share"
+    prof = json.loads((exp / "logs" / "profile.json").read_text())
+    assert set(prof) == {"ResNet-50 (BN)", "cifar10-nv (BN)"}
+    for res in prof.values():
+        shares = sum(res["by_category"].values())
+        assert abs(shares - res["total"]) < 1e-6 * res["total"] + 1e-9
+        assert res["by_category"]["batch norm"] > 0 and res["by_category"]["convolution"] > 0
+    check_png(exp / "fig1_time_share.png")
