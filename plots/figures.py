@@ -110,11 +110,13 @@ def plot_divergence(logs: dict, out, title=""):
         div = np.array([r[2] if r[2] is not None else np.nan for r in sel], float)
         budget = np.array([r[3] for r in sel], float)
         color = COLORS.get(norm)
+        # distinct markers and sizes: WN and no-norm often coincide exactly
+        marker, size = {"wn": ("o", 10), "bn": ("^", 7), "none": ("s", 5)}[norm]
         ax.plot(lrs, np.where(np.isnan(div), budget, div), "-", color=color, alpha=0.4)
-        ax.plot(lrs[~np.isnan(div)], div[~np.isnan(div)], "o", color=color,
+        ax.plot(lrs[~np.isnan(div)], div[~np.isnan(div)], marker, ms=size, color=color,
                 label=f"{LABELS[norm]}: diverged")
-        ax.plot(lrs[np.isnan(div)], budget[np.isnan(div)], "o", mfc="none", color=color,
-                label=f"{LABELS[norm]}: did not diverge (budget)")
+        ax.plot(lrs[np.isnan(div)], budget[np.isnan(div)], marker, ms=size, mfc="none",
+                color=color, label=f"{LABELS[norm]}: did not diverge (budget)")
         for r in sel:
             lines.append(f"{r[0]:<6}{r[1]:>10.1e}{str(r[2]) if r[2] is not None else '-':>14}"
                          f"{r[3]:>11}{r[4]:>12.4g}")
@@ -151,5 +153,5 @@ def plot_time_share(results: dict, out):
     ax.set(xlim=(0, 100), xlabel="share of training-step time, %",
            title="Where a training step's time goes (this CPU vs the paper's GPU)")
     ax.invert_yaxis()
-    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(rows)))
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     _save(fig, out)
