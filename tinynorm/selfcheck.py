@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-from .gradcheck import format_table, gradcheck
+import numpy as np
+
+from .gradcheck import format_table, gradcheck, gradcheck_layer
 
 OP_MODULES = ["conv", "linear", "activations", "pooling", "loss", "dropout", "batchnorm",
               "weightnorm", "normprop", "trelu", "layernorm"]
@@ -22,12 +24,41 @@ def all_cases():
     return cases
 
 
+def layer_cases():
+    """(label, layer, input) for the stateful layers, float64, train mode."""
+    from . import nn
+    rng = np.random.default_rng(0)
+    kw = dict(rng=rng, dtype=np.float64)
+    x4 = rng.standard_normal((4, 3, 5, 5))
+    x2 = rng.standard_normal((6, 5))
+    # momentum 0 keeps the running statistics (and so r and d) fixed between the
+    # forward passes of the finite differences; they are set so r and d clip in
+    # every channel (unclipped, r and d depend on x but carry no gradient by design)
+    renorm = nn.BatchRenorm(3, momentum=0.0, r_max=1.2, d_max=0.1, dtype=np.float64)
+    renorm.buffers["running_mean"][...] = [0.3, -0.2, 1.0]
+    renorm.buffers["running_var"][...] = [2.0, 0.5, 4.0]
+    return [
+        ("layer BatchNorm", nn.BatchNorm(3, dtype=np.float64), x4),
+        ("layer BatchNorm chunk=2", nn.BatchNorm(3, chunk=2, dtype=np.float64), x4),
+        ("layer BatchRenorm (r, d clipped)", renorm, x4),
+        ("layer GroupNorm G=3", nn.GroupNorm(3, 3, dtype=np.float64), x4),
+        ("layer WNConv2d", nn.WNConv2d(3, 4, 3, 1, 1, **kw), x4),
+        ("layer WNLinear", nn.WNLinear(5, 4, **kw), x2),
+        ("layer NormPropConv2d", nn.NormPropConv2d(3, 4, 3, 1, 1, **kw), x4),
+        ("layer TReLUConv2d", nn.TReLUConv2d(3, 4, 3, 1, 1, **kw), x4),
+        ("layer ScaleShift", nn.ScaleShift(3, dtype=np.float64), x4),
+    ]
+
+
 def run_all(rtol=1e-6, extra_cases=()):
-    """Run every case; return the list of GradResult (never raises on failure)."""
+    """Run every op case and layer case; return the list of GradResult (never
+    raises on failure)."""
     results = []
     for label, forward, backward, args, names in list(all_cases()) + list(extra_cases):
         results.extend(gradcheck(forward, backward, *args, names=names, rtol=rtol,
                                  raise_on_fail=False, op=label))
+    for label, layer, x in layer_cases():
+        results.extend(gradcheck_layer(layer, x, rtol=rtol, raise_on_fail=False, op=label))
     return results
 
 

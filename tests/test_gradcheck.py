@@ -1,0 +1,67 @@
+"""The public gradient checker itself, and `tinynorm gradcheck`."""
+import numpy as np
+import pytest
+
+from tinynorm.cli import main as cli_main
+from tinynorm.gradcheck import GradcheckError, gradcheck, gradcheck_layer
+from tinynorm.nn import Linear, ReLU, Sequential
+
+
+def square_forward(x, a):
+    return a * x * x, (x, a)
+
+
+def square_backward(dy, cache):
+    x, a = cache
+    return 2 * a * x * dy, (x * x * dy).sum()
+
+
+def test_correct_gradients_pass_elementwise_and_directional():
+    rng = np.random.default_rng(5)
+    small = gradcheck(square_forward, square_backward, rng.standard_normal((3, 4)),
+                      np.array(1.5), names=["x", "a"])
+    assert [r.mode for r in small] == ["elementwise", "elementwise"]
+    large = gradcheck(square_forward, square_backward, rng.standard_normal((30, 40)),
+                      np.array(1.5), names=["x", "a"])
+    assert large[0].mode == "directional" and all(r.passed for r in small + large)
+    assert max(r.max_rel_error for r in small + large) < 1e-8
+
+
+def test_a_wrong_gradient_is_named_with_both_values():
+    def wrong_backward(dy, cache):
+        dx, da = square_backward(dy, cache)
+        dx = dx.copy()
+        dx[1, 2] *= 1.001          # one element off by 0.1%
+        return dx, da
+    x = np.random.default_rng(6).standard_normal((3, 4)) + 2.0
+    with pytest.raises(GradcheckError, match=r"gradient of 'x' FAILS .*element \(1, 2\).*"
+                                             r"analytic .* numeric .* relative error"):
+        gradcheck(square_forward, wrong_backward, x, np.array(1.5), names=["x", "a"])
+    results = gradcheck(square_forward, wrong_backward, x, np.array(1.5), names=["x", "a"],
+                        raise_on_fail=False)
+    assert not results[0].passed and results[0].worst == (1, 2) and results[1].passed
+
+
+def test_gradient_of_wrong_shape_is_reported():
+    with pytest.raises(GradcheckError, match="has shape"):
+        gradcheck(square_forward, lambda dy, c: (np.zeros(3), 0.0), np.ones((3, 4)),
+                  np.array(1.0))
+
+
+def test_gradcheck_layer_walks_nested_parameters():
+    rng = np.random.default_rng(7)
+    model = Sequential(Linear(4, 5, rng=rng, dtype=np.float64), ReLU(),
+                       Linear(5, 3, rng=rng, dtype=np.float64))
+    results = gradcheck_layer(model, rng.standard_normal((6, 4)) + 0.1)
+    assert [r.name for r in results] == ["x", "0.w", "0.b", "2.w", "2.b"]
+    assert all(r.passed for r in results)
+
+
+def test_cli_gradcheck_passes_every_builtin_op_and_layer(capsys):
+    assert cli_main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    for op in ("conv2d", "max_pool2d", "avg_pool2d", "softmax_cross_entropy", "batch_norm",
+               "weight_norm", "normprop_relu", "trelu", "layer BatchNorm chunk=2",
+               "layer WNConv2d", "layer TReLUConv2d"):
+        assert op in out, op
+    assert "FAIL" not in out
