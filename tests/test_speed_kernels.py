@@ -101,3 +101,43 @@ def test_tune_allocator_is_idempotent():
     first = backend.tune_allocator()
     assert backend.tune_allocator() is first
     assert isinstance(first, bool)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 1 << 30])
+@pytest.mark.parametrize("shape,c_out,kernel,stride,pad,bias", [
+    ((5, 3, 6, 5), 4, 3, 1, 1, True),
+    ((4, 2, 7, 7), 3, 3, 2, 0, False),
+    ((3, 40, 2, 2), 40, 1, 1, 0, True),     # 1x1, single-GEMM (not stacked) path
+    ((3, 4, 9, 9), 5, 1, 1, 0, False),      # 1x1, stacked path
+])
+def test_conv_batch_chunks_match_reference(monkeypatch, rng, chunk_bytes, shape, c_out,
+                                           kernel, stride, pad, bias):
+    """Chunks of 1 sample, of a few samples (uneven), and the whole batch."""
+    from tinynorm.ops import conv
+    monkeypatch.setattr(conv, "COL_CHUNK_BYTES", chunk_bytes)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((c_out, shape[1], kernel, kernel))
+    b = rng.standard_normal(c_out) if bias else None
+    y, cache = ops.conv2d_forward(x, w, b, stride, pad)
+    y_ref, cache_ref = ops.conv2d_reference_forward(x, w, b, stride, pad)
+    assert rel_error(y, y_ref) < 1e-13
+    dy = rng.standard_normal(y.shape)
+    want = ops.conv2d_reference_backward(dy, cache_ref)
+    got = ops.conv2d_backward(dy, cache)
+    assert rel_error(got[0], want[0]) < 1e-13 and rel_error(got[1], want[1]) < 1e-13
+    assert (got[2] is None) == (b is None)
+    if bias:
+        assert rel_error(got[2], want[2]) < 1e-13
+    assert rel_error(ops.conv2d_backward_data(dy, cache), want[0]) < 1e-13
+    dw, db = ops.conv2d_backward_filter(dy, cache)
+    assert rel_error(dw, want[1]) < 1e-13
+
+
+def test_batch_chunks_cover_the_batch():
+    from tinynorm.ops.conv import _batch_chunks
+    for n, per_sample in [(128, 3 << 20), (7, 1), (5, 1 << 40), (1, 10)]:
+        chunks = _batch_chunks(n, per_sample)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        sizes = [e - s for s, e in chunks]
+        assert max(sizes) - min(sizes) <= 1

@@ -19,12 +19,14 @@ How it is computed (one selector, :func:`_path`, picks the branch):
       input grad     dcol (K, N*P)   = w2.T @ dY,  dx = col2im(dcol)
 
   The batch is folded into the GEMM's column dimension, so each pass is a
-  single large GEMM (no Python loop over samples or pixels); small numba
-  kernels move between NCHW and the (C_out, N*P) GEMM layout, adding the bias
-  / summing db on the way.  col, Y and dY live in per-thread reusable
-  workspaces (:func:`release_workspaces` frees them): the largest im2col buffer
-  of cifar10-nv at batch 128 is 462 MB, and a fresh allocation of that size
-  costs page faults on every call.  The forward caches ``x`` (a reference),
+  few large GEMMs (no Python loop over pixels): the batch is cut into chunks
+  whose im2col buffer stays under ``COL_CHUNK_BYTES`` (64 MB; the whole
+  cifar10-nv conv2 col at batch 128 would be 462 MB), one GEMM per chunk, and
+  each GEMM runs as independent single-threaded BLAS calls on slices
+  (:mod:`tinynorm.ops._gemm`).  Small numba kernels move between NCHW and the
+  (C_out, N*P) GEMM layout, adding the bias / summing db on the way.  col, Y
+  and dY live in per-thread reusable workspaces (:func:`release_workspaces`
+  frees them): a fresh allocation of that size costs page faults on every call.  The forward caches ``x`` (a reference),
   not ``col``; the backward recomputes ``col`` into the workspace, which costs
   one memory-bound pass and saves holding a col per layer between forward and
   backward.
@@ -205,11 +207,13 @@ def _to_gemm_layout(a, name, want_sums=False):
     return out, (sums if want_sums else None)
 
 
-def _from_gemm_layout(a2, n, bias):
-    """(C, N*P) -> fresh NCHW (N, C, P) with ``bias`` (C,) added; bias may be None."""
+def _from_gemm_layout(a2, n, bias, out=None):
+    """(C, N*P) -> NCHW (N, C, P) with ``bias`` (C,) added; bias may be None.
+
+    ``out``: a C-contiguous array of N*C*P elements to write into (else fresh)."""
     c = a2.shape[0]
     plane = a2.shape[1] // n
-    out = np.empty((n, c, plane), dtype=a2.dtype)
+    out = np.empty((n, c, plane), dtype=a2.dtype) if out is None else out.reshape(n, c, plane)
     bias = np.zeros(c, dtype=a2.dtype) if bias is None else np.ascontiguousarray(bias)
     geo.launch(_cnp_to_nchw_kernel, n * c, out.size, np.ascontiguousarray(a2).reshape(-1),
                bias, n, c, plane, out.reshape(-1))
@@ -308,10 +312,8 @@ def conv2d_backward(dy, cache):
     x, w, has_bias, kernel, stride, pad, path = cache
     _check_dy(dy, x, w, kernel, stride, pad)
     if path == "cpu":
-        dy2, db = _to_gemm_layout(dy, "dy", want_sums=has_bias)
-        dw = _backward_filter_cpu(dy2, x, w, kernel, stride, pad)
-        dx = _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad)
-        return dx, dw, (db.astype(x.dtype) if has_bias else None)
+        return _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx=True,
+                             need_dw=True)
     if path == "cudnn":
         return _backward_cudnn(dy, x, w, has_bias, stride, pad)
     return _backward_generic(dy, x, w, has_bias, kernel, stride, pad)
@@ -326,10 +328,8 @@ def conv2d_backward_data(dy, cache):
     x, w, has_bias, kernel, stride, pad, path = cache
     _check_dy(dy, x, w, kernel, stride, pad)
     if path == "cpu":
-        stacked = (_is_pointwise(kernel, stride, pad)
-                   and _use_stacked(x.shape[1], w.shape[0], dy.shape[2] * dy.shape[3]))
-        dy2 = None if stacked else _to_gemm_layout(dy, "dy")[0]
-        return _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad)
+        return _backward_cpu(dy, x, w, False, kernel, stride, pad, need_dx=True,
+                             need_dw=False)[0]
     if path == "cudnn":
         return _backward_cudnn(dy, x, w, has_bias, stride, pad, need=("dx",))[0]
     return _backward_generic(dy, x, w, has_bias, kernel, stride, pad)[0]
@@ -344,9 +344,8 @@ def conv2d_backward_filter(dy, cache):
     x, w, has_bias, kernel, stride, pad, path = cache
     _check_dy(dy, x, w, kernel, stride, pad)
     if path == "cpu":
-        dy2, db = _to_gemm_layout(dy, "dy", want_sums=has_bias)
-        dw = _backward_filter_cpu(dy2, x, w, kernel, stride, pad)
-        return dw, (db.astype(x.dtype) if has_bias else None)
+        return _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx=False,
+                             need_dw=True)[1:]
     if path == "cudnn":
         return _backward_cudnn(dy, x, w, has_bias, stride, pad, need=("dw",))[1:]
     return _backward_generic(dy, x, w, has_bias, kernel, stride, pad)[1:]
@@ -379,6 +378,28 @@ def _col_cpu(x, kernel, stride, pad):
                       out=_workspace("col", (c * kernel[0] * kernel[1], n * oh * ow), x.dtype))
 
 
+# The batch is processed in chunks of samples whose im2col buffer stays under
+# COL_CHUNK_BYTES: the workspaces then hold one chunk (about 64 MB instead of
+# 462 MB of col for cifar10-nv conv2 at batch 128, which kept tinynorm's peak
+# memory above PyTorch's), and each chunk's col is still a GEMM of thousands
+# of columns.  The forward writes each chunk's output into its slice of y; the
+# backward sums the chunks' weight gradients.
+COL_CHUNK_BYTES = 64 << 20
+
+
+def _batch_chunks(n, bytes_per_sample):
+    """[(start, stop), ...] covering range(n), each under COL_CHUNK_BYTES if it can."""
+    per = max(1, min(n, COL_CHUNK_BYTES // max(1, bytes_per_sample)))
+    count = -(-n // per)
+    bounds = [i * n // count for i in range(count + 1)]      # sizes differ by at most 1
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _col_bytes(x, w, oh, ow):
+    """Bytes of one sample's im2col buffer (rows K = C*kh*kw, OH*OW columns)."""
+    return x.shape[1] * w.shape[2] * w.shape[3] * oh * ow * x.itemsize
+
+
 def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
     n = x.shape[0]
     c_out = w.shape[0]
@@ -390,48 +411,70 @@ def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
         if b is not None:
             y += b.reshape(1, c_out, 1)
         return y.reshape(n, c_out, oh, ow)
-    col = _col_cpu(x, kernel, stride, pad)                        # (K, N*P)
     if n == 1:
         # (C_out, 1*P) is already NCHW: GEMM straight into the output
+        col = _col_cpu(x, kernel, stride, pad)                    # (K, P)
         y = np.empty((1, c_out, oh, ow), dtype=x.dtype)
         _gemm.matmul(w2, col, out=y.reshape(c_out, oh * ow))
         if b is not None:
             y += b.reshape(1, c_out, 1, 1)
         return y
-    # y2: (C_out, N*P), column index (n, oy, ox)
-    y2 = _workspace("gemm", (c_out, col.shape[1]), x.dtype)
-    _gemm.matmul(w2, col, out=y2)
-    return _from_gemm_layout(y2, n, b).reshape(n, c_out, oh, ow)
+    y = np.empty((n, c_out, oh, ow), dtype=x.dtype)
+    for s, e in _batch_chunks(n, _col_bytes(x, w, oh, ow)):
+        col = _col_cpu(x[s:e], kernel, stride, pad)               # (K, n_chunk*P)
+        # y2: (C_out, n_chunk*P), column index (n, oy, ox)
+        y2 = _workspace("gemm", (c_out, col.shape[1]), x.dtype)
+        _gemm.matmul(w2, col, out=y2)
+        _from_gemm_layout(y2, e - s, b, out=y[s:e])
+    return y
 
 
-def _backward_filter_cpu(dy2, x, w, kernel, stride, pad):
-    """dw (C_out, C, kh, kw) = dY (C_out, N*P) @ col.T (N*P, K)."""
-    col = _col_cpu(x, kernel, stride, pad)
-    # dw2: (C_out, K) -> (C_out, C, kh, kw)
-    return _gemm.matmul_nt_sum(dy2, col).reshape(w.shape)
+def _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx, need_dw):
+    """(dx or None, dw or None, db or None), chunk by chunk of the batch:
 
-
-def _backward_data_cpu(dy, dy2, x, w, kernel, stride, pad):
-    """dx (N, C, H, W) = col2im(w2.T (K, C_out) @ dY (C_out, N*P)).
-
-    dy2 is dy in GEMM layout, or None for a stacked 1x1 conv (which uses dy)."""
+        dw (C_out, K)  = sum over chunks of dY_c (C_out, n_c*P) @ col_c.T
+        dx[chunk]      = col2im(w2.T (K, C_out) @ dY_c)
+    """
     n, c, h, v = x.shape
     c_out = w.shape[0]
+    oh, ow = dy.shape[2], dy.shape[3]
     w2 = np.ascontiguousarray(w).reshape(c_out, -1)
-    if _is_pointwise(kernel, stride, pad):
-        if _use_stacked(c, c_out, h * v):
-            # dy3: (N, C_out, P); (C, C_out) @ (N, C_out, P) -> (N, C, P), NCHW as is
-            return _gemm.matmul(w2.T, np.ascontiguousarray(dy).reshape(n, c_out, h * v)
-                                ).reshape(n, c, h, v)
-        # col2im of a 1x1 / stride-1 / pad-0 conv is the (C, N*P) -> NCHW transpose
-        if n == 1:
-            return _gemm.matmul(w2.T, dy2).reshape(1, c, h, v)
-        dcol = _workspace("col", (c, dy2.shape[1]), x.dtype)
-        _gemm.matmul(w2.T, dy2, out=dcol)
-        return _from_gemm_layout(dcol, n, None).reshape(n, c, h, v)
-    dcol = _workspace("col", (w2.shape[1], dy2.shape[1]), x.dtype)
-    _gemm.matmul(w2.T, dy2, out=dcol)
-    return geo.col2im(dcol, x.shape, kernel, stride, pad)
+    dy = np.ascontiguousarray(dy)
+    pointwise = _is_pointwise(kernel, stride, pad)
+    stacked = pointwise and _use_stacked(c, c_out, oh * ow)
+    dx = None
+    if need_dx and stacked:
+        # dy3: (N, C_out, P); (C, C_out) @ (N, C_out, P) -> (N, C, P), NCHW as is
+        dx = _gemm.matmul(w2.T, dy.reshape(n, c_out, oh * ow)).reshape(n, c, h, v)
+        if not (need_dw or has_bias):
+            return dx, None, None
+    elif need_dx:
+        dx = np.empty(x.shape, dtype=x.dtype)
+    dw2 = None
+    db = np.zeros(c_out, dtype=np.float64) if has_bias else None
+    for s, e in _batch_chunks(n, _col_bytes(x, w, oh, ow)):
+        # dy2: (C_out, n_chunk*P)
+        dy2, sums = _to_gemm_layout(dy[s:e], "dy", want_sums=has_bias)
+        if has_bias:
+            db += sums
+        if need_dw:
+            col = _col_cpu(x[s:e], kernel, stride, pad)
+            part = _gemm.matmul_nt_sum(dy2, col)                  # (C_out, K)
+            if dw2 is None:
+                dw2 = part
+            else:
+                dw2 += part
+        if need_dx and not stacked:
+            # the col workspace again, now for dcol (K, n_chunk*P)
+            dcol = _workspace("col", (w2.shape[1], dy2.shape[1]), x.dtype)
+            _gemm.matmul(w2.T, dy2, out=dcol)
+            if pointwise:
+                # col2im of a 1x1 / stride-1 / pad-0 conv is the (C, N*P) -> NCHW transpose
+                _from_gemm_layout(dcol, e - s, None, out=dx[s:e])
+            else:
+                geo.col2im(dcol, (e - s, c, h, v), kernel, stride, pad, out=dx[s:e])
+    dw = dw2.reshape(w.shape) if need_dw else None
+    return dx, dw, (db.astype(x.dtype) if has_bias else None)
 
 
 # ----------------------------------------------------------------------------
