@@ -110,11 +110,29 @@ def test_tune_allocator_is_idempotent():
     ((3, 40, 2, 2), 40, 1, 1, 0, True),     # 1x1, single-GEMM (not stacked) path
     ((3, 4, 9, 9), 5, 1, 1, 0, False),      # 1x1, stacked path
 ])
+@pytest.mark.parametrize("pipeline", [False, True])
 def test_conv_batch_chunks_match_reference(monkeypatch, rng, chunk_bytes, shape, c_out,
-                                           kernel, stride, pad, bias):
-    """Chunks of 1 sample, of a few samples (uneven), and the whole batch."""
+                                           kernel, stride, pad, bias, pipeline):
+    """Chunks of 1 sample, of a few samples (uneven), and the whole batch; on
+    the calling thread, and (pipeline) on two threads with the serial kernels."""
     from tinynorm.ops import conv
     monkeypatch.setattr(conv, "COL_CHUNK_BYTES", chunk_bytes)
+    if pipeline:
+        monkeypatch.setattr(_gemm, "SPLIT_MIN_FLOPS", 0)
+        stack = threadpool_limits(2, user_api="blas")
+    else:
+        stack = threadpool_limits(None)
+    with stack:
+        _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias)
+        if pipeline:
+            x = np.zeros(shape)
+            w = np.zeros((c_out, shape[1], kernel, kernel))
+            oh = (shape[2] + 2 * pad - kernel) // stride + 1
+            ow = (shape[3] + 2 * pad - kernel) // stride + 1
+            assert len(conv._chunk_groups(x, w, oh, ow)) == 2
+
+
+def _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias):
     x = rng.standard_normal(shape)
     w = rng.standard_normal((c_out, shape[1], kernel, kernel))
     b = rng.standard_normal(c_out) if bias else None
@@ -133,11 +151,16 @@ def test_conv_batch_chunks_match_reference(monkeypatch, rng, chunk_bytes, shape,
     assert rel_error(dw, want[1]) < 1e-13
 
 
-def test_batch_chunks_cover_the_batch():
+def test_batch_chunks_cover_the_batch(monkeypatch):
+    from tinynorm.ops import conv
     from tinynorm.ops.conv import _batch_chunks
+    monkeypatch.setattr(conv, "COL_CHUNK_BYTES", 32 << 20)
     for n, per_sample in [(128, 3 << 20), (7, 1), (5, 1 << 40), (1, 10)]:
         chunks = _batch_chunks(n, per_sample)
         assert chunks[0][0] == 0 and chunks[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         sizes = [e - s for s, e in chunks]
         assert max(sizes) - min(sizes) <= 1
+    for n, per_sample, threads, count in [(128, 3 << 20, 2, 14), (128, 1, 2, 2), (3, 1, 2, 2),
+                                          (5, 1 << 40, 2, 5)]:
+        assert len(_batch_chunks(n, per_sample, min_count=threads)) == count

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["matmul", "matmul_nt_sum", "SPLIT_MIN_FLOPS", "blas_threads"]
+__all__ = ["matmul", "matmul_nt_sum", "SPLIT_MIN_FLOPS", "blas_threads", "threads_for",
+           "run_threads"]
 
 # Below this many multiply-adds a split costs more (thread hand-off ~50 us) than it saves.
 SPLIT_MIN_FLOPS = 1 << 24
@@ -79,13 +80,29 @@ def _run_split(jobs, n_threads):
     """Run the callables ``jobs`` on ``n_threads`` threads with OpenBLAS at 1 thread."""
     lib = _blas()
     with _lock:                       # one split call at a time (it owns the BLAS setting)
+        previous = lib.get_num_threads()
         lib.set_num_threads(1)
         try:
             futures = [_pool(n_threads).submit(job) for job in jobs[1:]]
             first = jobs[0]()         # the calling thread takes the first slice
             return [first] + [f.result() for f in futures]
         finally:
-            lib.set_num_threads(n_threads)
+            lib.set_num_threads(previous)
+
+
+def run_threads(jobs):
+    """Run the callables ``jobs`` at once, one per thread (the first on the
+    calling thread), with OpenBLAS at one thread; return their results in order.
+    For work split by the caller (conv2d's batch pipeline); ``len(jobs)``
+    should be what :func:`threads_for` returned."""
+    return _run_split(jobs, len(jobs))
+
+
+def threads_for(*arrays, flops):
+    """How many threads a split of this much work (multiply-adds) should use:
+    OpenBLAS's thread count, or 1 for small work, non-float arrays, no
+    OpenBLAS, or a call made while another split runs."""
+    return _split_threads(*arrays, flops=flops)
 
 
 def _split_threads(*arrays, flops):

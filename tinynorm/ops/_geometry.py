@@ -223,6 +223,13 @@ def _col2im_kernel(col, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, x
                             x[dst + t * step] += col[src + t]
 
 
+# Single-threaded twins of the two kernels (``prange`` runs as ``range``), which
+# release the GIL: conv2d's batch pipeline runs one per Python thread, each on
+# its own chunk of samples (see ``conv.py``).
+_im2col_serial = njit(nogil=True, cache=True)(_im2col_kernel.py_func)
+_col2im_serial = njit(nogil=True, cache=True)(_col2im_kernel.py_func)
+
+
 # Launch policy for the parallel kernels (see :func:`launch`).
 PARALLEL_MIN_WORK = 1 << 18     # elements touched; below this, run on one thread
 CHUNKS_PER_THREAD = 4           # dynamic schedule granularity; 0 = numba's static split
@@ -282,13 +289,14 @@ def _fast_ok(*arrays):
     return all(isinstance(a, np.ndarray) and a.dtype in FAST_DTYPES for a in arrays)
 
 
-def im2col(x, kernel, stride, pad, out=None):
+def im2col(x, kernel, stride, pad, out=None, serial=False):
     """x (N, C, H, W) -> col (C*kh*kw, N*OH*OW).
 
     ``out``: optional C-contiguous buffer with at least C*kh*kw*N*OH*OW
     elements of x's dtype; its leading part is filled and returned as a view
     (this is how conv2d reuses one workspace across calls).  NumPy float32 /
     float64 input runs the numba kernel; anything else the reference.
+    ``serial``: run the single-threaded kernel on the calling thread (GIL released).
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     n, c, h, w = x.shape
@@ -307,16 +315,19 @@ def im2col(x, kernel, stride, pad, out=None):
         flat = np.empty(size, dtype=x.dtype)
     else:
         flat = out.reshape(-1)[:size]
-    launch(_im2col_kernel, n * c, size, x.reshape(-1), n, c, h, w, kh, kw, sh, sw, ph, pw,
-           oh, ow, flat)
+    args = (x.reshape(-1), n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, flat)
+    if serial:
+        _im2col_serial(*args)
+    else:
+        launch(_im2col_kernel, n * c, size, *args)
     return flat.reshape(shape)
 
 
-def col2im(col, x_shape, kernel, stride, pad, out=None):
+def col2im(col, x_shape, kernel, stride, pad, out=None, serial=False):
     """col (C*kh*kw, N*OH*OW) -> x (N, C, H, W), the adjoint of :func:`im2col`.
 
     ``out``: optional C-contiguous (N, C, H, W) array to write into (every
-    element is overwritten).
+    element is overwritten).  ``serial`` as in :func:`im2col`.
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     n, c, h, w = x_shape
@@ -333,6 +344,9 @@ def col2im(col, x_shape, kernel, stride, pad, out=None):
     col = np.ascontiguousarray(col)
     if out is None:
         out = np.empty((n, c, h, w), dtype=col.dtype)
-    launch(_col2im_kernel, n * c, col.size, col.reshape(-1), n, c, h, w, kh, kw, sh, sw, ph,
-           pw, oh, ow, out.reshape(-1))
+    args = (col.reshape(-1), n, c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, out.reshape(-1))
+    if serial:
+        _col2im_serial(*args)
+    else:
+        launch(_col2im_kernel, n * c, col.size, *args)
     return out

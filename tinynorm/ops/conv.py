@@ -123,6 +123,7 @@ def _check_args(x, w, b, stride, pad, op=_OP):
 # ----------------------------------------------------------------------------
 
 _tls = threading.local()
+_all_pools = []      # every thread's pool, so that release_workspaces frees them all
 
 
 def _workspace(name, shape, dtype):
@@ -135,6 +136,7 @@ def _workspace(name, shape, dtype):
     pool = getattr(_tls, "pool", None)
     if pool is None:
         pool = _tls.pool = {}
+        _all_pools.append(pool)
     size = 1
     for s in shape:
         size *= int(s)
@@ -146,8 +148,11 @@ def _workspace(name, shape, dtype):
 
 
 def release_workspaces():
-    """Free this thread's im2col / GEMM workspaces (they are re-made on demand)."""
-    _tls.pool = {}
+    """Free the im2col / GEMM workspaces of every thread (re-made on demand).
+
+    Not to be called while a convolution runs on another thread."""
+    for pool in _all_pools:
+        pool.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -191,9 +196,16 @@ def _nchw_to_cnp_kernel(src, n_batch, n_chan, plane, dst, sums, want_sums):
             sums[c] = acc
 
 
-def _to_gemm_layout(a, name, want_sums=False):
+# single-threaded twins that release the GIL, for the batch pipeline
+_cnp_to_nchw_serial = njit(nogil=True, cache=True)(_cnp_to_nchw_kernel.py_func)
+_nchw_to_cnp_serial = njit(nogil=True, cache=True, fastmath={"reassoc"})(
+    _nchw_to_cnp_kernel.py_func)
+
+
+def _to_gemm_layout(a, name, want_sums=False, serial=False):
     """NCHW a (N, C, OH, OW) -> (C, N*OH*OW) and, if asked, per-channel float64
-    sums (C,) (else None).  The result is a workspace, or a view of ``a`` when N == 1."""
+    sums (C,) (else None).  The result is a workspace, or a view of ``a`` when N == 1.
+    ``serial``: single-threaded kernel on the calling thread, GIL released."""
     n, c, oh, ow = a.shape
     a = np.ascontiguousarray(a)
     if n == 1:
@@ -202,21 +214,28 @@ def _to_gemm_layout(a, name, want_sums=False):
         return a.reshape(c, oh * ow), sums
     out = _workspace(name, (c, n * oh * ow), a.dtype)
     sums = np.empty(c if want_sums else 0, dtype=np.float64)
-    geo.launch(_nchw_to_cnp_kernel, c, a.size, a.reshape(-1), n, c, oh * ow, out.reshape(-1),
-               sums, want_sums)
+    args = (a.reshape(-1), n, c, oh * ow, out.reshape(-1), sums, want_sums)
+    if serial:
+        _nchw_to_cnp_serial(*args)
+    else:
+        geo.launch(_nchw_to_cnp_kernel, c, a.size, *args)
     return out, (sums if want_sums else None)
 
 
-def _from_gemm_layout(a2, n, bias, out=None):
+def _from_gemm_layout(a2, n, bias, out=None, serial=False):
     """(C, N*P) -> NCHW (N, C, P) with ``bias`` (C,) added; bias may be None.
 
-    ``out``: a C-contiguous array of N*C*P elements to write into (else fresh)."""
+    ``out``: a C-contiguous array of N*C*P elements to write into (else fresh);
+    ``serial`` as in :func:`_to_gemm_layout`."""
     c = a2.shape[0]
     plane = a2.shape[1] // n
     out = np.empty((n, c, plane), dtype=a2.dtype) if out is None else out.reshape(n, c, plane)
     bias = np.zeros(c, dtype=a2.dtype) if bias is None else np.ascontiguousarray(bias)
-    geo.launch(_cnp_to_nchw_kernel, n * c, out.size, np.ascontiguousarray(a2).reshape(-1),
-               bias, n, c, plane, out.reshape(-1))
+    args = (np.ascontiguousarray(a2).reshape(-1), bias, n, c, plane, out.reshape(-1))
+    if serial:
+        _cnp_to_nchw_serial(*args)
+    else:
+        geo.launch(_cnp_to_nchw_kernel, n * c, out.size, *args)
     return out
 
 
@@ -366,31 +385,40 @@ def _check_dy(dy, x, w, kernel, stride, pad):
 # CPU: numba im2col + one BLAS GEMM per pass
 # ----------------------------------------------------------------------------
 
-def _col_cpu(x, kernel, stride, pad):
+def _col_cpu(x, kernel, stride, pad, serial=False):
     """col (K, N*P) of x in a workspace (or a view of x for 1x1 with N == 1)."""
     if _is_pointwise(kernel, stride, pad):
         # 1x1 / stride 1 / pad 0: col is x with N and C swapped, (C, N*H*W)
-        return _to_gemm_layout(x, "col")[0]
+        return _to_gemm_layout(x, "col", serial=serial)[0]
     n, c, h, v = x.shape
     oh = geo.conv_outsize(h, kernel[0], stride[0], pad[0])
     ow = geo.conv_outsize(v, kernel[1], stride[1], pad[1])
-    return geo.im2col(x, kernel, stride, pad,
+    return geo.im2col(x, kernel, stride, pad, serial=serial,
                       out=_workspace("col", (c * kernel[0] * kernel[1], n * oh * ow), x.dtype))
 
 
-# The batch is processed in chunks of samples whose im2col buffer stays under
-# COL_CHUNK_BYTES: the workspaces then hold one chunk (about 64 MB instead of
-# 462 MB of col for cifar10-nv conv2 at batch 128, which kept tinynorm's peak
-# memory above PyTorch's), and each chunk's col is still a GEMM of thousands
-# of columns.  The forward writes each chunk's output into its slice of y; the
-# backward sums the chunks' weight gradients.
-COL_CHUNK_BYTES = 64 << 20
+# The batch pipeline.  The batch is cut into chunks of samples whose im2col
+# buffer stays under COL_CHUNK_BYTES, and the chunks into one contiguous group
+# per thread (T = OpenBLAS's thread count).  Each thread runs its chunks one
+# after the other -- im2col, GEMM, layout, col2im -- with single-threaded
+# kernels and BLAS, in its own workspaces, writing its slice of the output;
+# the threads meet once per pass.  Against one T-threaded kernel or GEMM per
+# step, this saves the barriers (a few hundred per GEMM inside OpenBLAS, one
+# per numba kernel), each of which costs a scheduler time slice when another
+# process holds a core, and keeps the workspaces at T chunks (T x 32 MB
+# instead of 462 MB of col for cifar10-nv conv2 at batch 128).  Small convs
+# (or T = 1, or N < T) run the chunks on the calling thread with the parallel
+# kernels and the split GEMMs of ``_gemm``.  The weight gradient is summed per
+# group, then over groups in order: the result does not depend on timing.
+COL_CHUNK_BYTES = 32 << 20
 
 
-def _batch_chunks(n, bytes_per_sample):
-    """[(start, stop), ...] covering range(n), each under COL_CHUNK_BYTES if it can."""
+def _batch_chunks(n, bytes_per_sample, min_count=1):
+    """[(start, stop), ...] covering range(n), each under COL_CHUNK_BYTES if it
+    can, at least ``min_count`` of them (a multiple of it) when n allows."""
     per = max(1, min(n, COL_CHUNK_BYTES // max(1, bytes_per_sample)))
     count = -(-n // per)
+    count = min(n, -(-count // min_count) * min_count)
     bounds = [i * n // count for i in range(count + 1)]      # sizes differ by at most 1
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -398,6 +426,26 @@ def _batch_chunks(n, bytes_per_sample):
 def _col_bytes(x, w, oh, ow):
     """Bytes of one sample's im2col buffer (rows K = C*kh*kw, OH*OW columns)."""
     return x.shape[1] * w.shape[2] * w.shape[3] * oh * ow * x.itemsize
+
+
+def _chunk_groups(x, w, oh, ow):
+    """The chunks of the batch, grouped per thread: [[(start, stop), ...], ...]."""
+    n = x.shape[0]
+    flops = n * oh * ow * w.size
+    threads = _gemm.threads_for(x, w, flops=flops)
+    if threads == 1 or n < threads:
+        return [_batch_chunks(n, _col_bytes(x, w, oh, ow))]
+    chunks = _batch_chunks(n, _col_bytes(x, w, oh, ow), min_count=threads)
+    m = len(chunks)                       # a multiple of threads unless capped at n
+    return [chunks[t * m // threads:(t + 1) * m // threads] for t in range(threads)]
+
+
+def _run_groups(groups, fn):
+    """fn(chunks, serial) for each group: on the calling thread with the parallel
+    kernels when there is one group, else one thread per group."""
+    if len(groups) == 1:
+        return [fn(groups[0], False)]
+    return _gemm.run_threads([lambda g=g: fn(g, True) for g in groups])
 
 
 def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
@@ -420,12 +468,16 @@ def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
             y += b.reshape(1, c_out, 1, 1)
         return y
     y = np.empty((n, c_out, oh, ow), dtype=x.dtype)
-    for s, e in _batch_chunks(n, _col_bytes(x, w, oh, ow)):
-        col = _col_cpu(x[s:e], kernel, stride, pad)               # (K, n_chunk*P)
-        # y2: (C_out, n_chunk*P), column index (n, oy, ox)
-        y2 = _workspace("gemm", (c_out, col.shape[1]), x.dtype)
-        _gemm.matmul(w2, col, out=y2)
-        _from_gemm_layout(y2, e - s, b, out=y[s:e])
+
+    def run(chunks, serial):
+        gemm = np.matmul if serial else _gemm.matmul
+        for s, e in chunks:
+            col = _col_cpu(x[s:e], kernel, stride, pad, serial)      # (K, n_chunk*P)
+            # y2: (C_out, n_chunk*P), column index (n, oy, ox)
+            y2 = _workspace("gemm", (c_out, col.shape[1]), x.dtype)
+            gemm(w2, col, out=y2)
+            _from_gemm_layout(y2, e - s, b, out=y[s:e], serial=serial)
+    _run_groups(_chunk_groups(x, w, oh, ow), run)
     return y
 
 
@@ -450,31 +502,51 @@ def _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx, need_dw):
             return dx, None, None
     elif need_dx:
         dx = np.empty(x.shape, dtype=x.dtype)
-    dw2 = None
-    db = np.zeros(c_out, dtype=np.float64) if has_bias else None
-    for s, e in _batch_chunks(n, _col_bytes(x, w, oh, ow)):
-        # dy2: (C_out, n_chunk*P)
-        dy2, sums = _to_gemm_layout(dy[s:e], "dy", want_sums=has_bias)
-        if has_bias:
-            db += sums
-        if need_dw:
-            col = _col_cpu(x[s:e], kernel, stride, pad)
-            part = _gemm.matmul_nt_sum(dy2, col)                  # (C_out, K)
-            if dw2 is None:
-                dw2 = part
-            else:
-                dw2 += part
-        if need_dx and not stacked:
-            # the col workspace again, now for dcol (K, n_chunk*P)
-            dcol = _workspace("col", (w2.shape[1], dy2.shape[1]), x.dtype)
-            _gemm.matmul(w2.T, dy2, out=dcol)
-            if pointwise:
-                # col2im of a 1x1 / stride-1 / pad-0 conv is the (C, N*P) -> NCHW transpose
-                _from_gemm_layout(dcol, e - s, None, out=dx[s:e])
-            else:
-                geo.col2im(dcol, (e - s, c, h, v), kernel, stride, pad, out=dx[s:e])
-    dw = dw2.reshape(w.shape) if need_dw else None
-    return dx, dw, (db.astype(x.dtype) if has_bias else None)
+
+    def run(chunks, serial):
+        gemm = np.matmul if serial else _gemm.matmul
+        dw_sum = None                                   # (C_out, K), or (K, C_out) if serial
+        db_sum = np.zeros(c_out, dtype=np.float64) if has_bias else None
+        for s, e in chunks:
+            # dy2: (C_out, n_chunk*P)
+            dy2, sums = _to_gemm_layout(dy[s:e], "dy", want_sums=has_bias, serial=serial)
+            if has_bias:
+                db_sum += sums
+            if need_dw:
+                col = _col_cpu(x[s:e], kernel, stride, pad, serial)
+                # (K, C_out) = col @ dY.T: OpenBLAS is faster in this orientation
+                part = np.matmul(col, dy2.T) if serial else _gemm.matmul_nt_sum(dy2, col)
+                if dw_sum is None:
+                    dw_sum = part
+                else:
+                    dw_sum += part
+            if need_dx and not stacked:
+                # the col workspace again, now for dcol (K, n_chunk*P)
+                dcol = _workspace("col", (w2.shape[1], dy2.shape[1]), x.dtype)
+                gemm(w2.T, dy2, out=dcol)
+                if pointwise:
+                    # col2im of a 1x1 / stride-1 / pad-0 conv is the (C, N*P) -> NCHW transpose
+                    _from_gemm_layout(dcol, e - s, None, out=dx[s:e], serial=serial)
+                else:
+                    geo.col2im(dcol, (e - s, c, h, v), kernel, stride, pad, out=dx[s:e],
+                               serial=serial)
+        if need_dw and serial:
+            dw_sum = np.ascontiguousarray(dw_sum.T)
+        return dw_sum, db_sum
+
+    results = _run_groups(_chunk_groups(x, w, oh, ow), run)
+    dw = db = None
+    if need_dw:
+        dw = results[0][0]
+        for part, _ in results[1:]:
+            dw += part
+        dw = dw.reshape(w.shape)
+    if has_bias:
+        db = results[0][1]
+        for _, part in results[1:]:
+            db += part
+        db = db.astype(x.dtype)
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------
