@@ -164,3 +164,19 @@ def test_batch_chunks_cover_the_batch(monkeypatch):
     for n, per_sample, threads, count in [(128, 3 << 20, 2, 14), (128, 1, 2, 2), (3, 1, 2, 2),
                                           (5, 1 << 40, 2, 5)]:
         assert len(_batch_chunks(n, per_sample, min_count=threads)) == count
+
+
+def test_small_products_on_one_blas_thread(monkeypatch, rng):
+    seen = []
+    real = np.matmul
+
+    def spy(*args, **kw):
+        seen.append(_gemm.blas_threads())
+        return real(*args, **kw)
+    with threadpool_limits(2, user_api="blas"):
+        monkeypatch.setattr(_gemm.np, "matmul", spy)
+        a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
+        assert rel_error(_gemm.matmul(a, b), _naive_matmul(a, b)) < 1e-14
+        assert rel_error(_gemm.matmul_nt_sum(a, b.T.copy()), _naive_matmul(a, b)) < 1e-14
+        monkeypatch.undo()
+        assert seen == [1, 1] and _gemm.blas_threads() == 2

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import ops
+from . import backend, ops
 from .optim import SGD, LRSchedule
 
 __all__ = ["CATEGORIES", "category_of", "profile_step"]
@@ -35,26 +35,35 @@ def _leaves(model):
     return [layer for _, layer in model.named_layers() if not layer.children]
 
 
-def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3):
+def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3, tune_allocator=True):
     """Time ``steps`` training steps of ``model`` on the batch ``(x, y)``.
 
     Returns ``{"total": seconds per step, "by_category": {category: seconds
-    per step}, "by_class": {layer class: seconds per step}}``; "other" is the
-    total minus the time inside the timed leaves.  Parameters change (SGD with
-    a small lr) as in real training.
+    per step}, "by_class": {layer class: seconds per step}, "by_pass":
+    {category: {"forward": s, "backward": s}}}``; "other" is the total minus
+    the time inside the timed leaves (its "by_pass" entry holds only the
+    leaves').  Parameters change (SGD with a small lr) as in real training.
+    ``tune_allocator``: call :func:`tinynorm.backend.tune_allocator` first
+    (process-wide), so that the step is timed as the trainer runs it, without
+    page faults on every fresh activation.
     """
+    if tune_allocator:
+        backend.tune_allocator()
     opt = SGD(model, LRSchedule("constant", lr, 10**9), momentum=0.9)
     timings = defaultdict(float)
+    pass_timings = defaultdict(float)
     originals = []
     for layer in _leaves(model):
         name = type(layer).__name__
         for method in ("forward", "backward"):
             fn = getattr(layer, method)
 
-            def timed(arg, _fn=fn, _name=name):
+            def timed(arg, _fn=fn, _name=name, _method=method):
                 t0 = time.perf_counter()
                 out = _fn(arg)
-                timings[_name] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                timings[_name] += dt
+                pass_timings[(_name, _method)] += dt
                 return out
             originals.append((layer, method))
             setattr(layer, method, timed)
@@ -70,6 +79,7 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3):
         for _ in range(warmup):
             step()
         timings.clear()
+        pass_timings.clear()
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -82,14 +92,23 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3):
     for cls, t in by_class.items():
         by_category[_BY_CLASS.get(cls, "other")] += t
     by_category["other"] += max(total - sum(by_class.values()), 0.0)
-    return {"total": total, "by_category": by_category, "by_class": by_class}
+    by_pass = {c: {"forward": 0.0, "backward": 0.0} for c in CATEGORIES}
+    for (cls, method), t in pass_timings.items():
+        by_pass[_BY_CLASS.get(cls, "other")][method] += t / steps
+    return {"total": total, "by_category": by_category, "by_class": by_class,
+            "by_pass": by_pass}
 
 
 def format_profile(result) -> str:
     total = result["total"]
-    lines = [f"{'layer type':<14}{'ms/step':>10}{'share':>9}"]
+    by_pass = result.get("by_pass")
+    head = f"{'layer type':<14}{'ms/step':>10}{'share':>9}"
+    lines = [head + (f"{'forward':>10}{'backward':>10}" if by_pass else "")]
     for cat in CATEGORIES:
         t = result["by_category"][cat]
-        lines.append(f"{cat:<14}{1e3 * t:>10.1f}{100 * t / total:>8.1f}%")
+        line = f"{cat:<14}{1e3 * t:>10.1f}{100 * t / total:>8.1f}%"
+        if by_pass:
+            line += f"{1e3 * by_pass[cat]['forward']:>10.1f}{1e3 * by_pass[cat]['backward']:>10.1f}"
+        lines.append(line)
     lines.append(f"{'total':<14}{1e3 * total:>10.1f}{100.0:>8.1f}%")
     return "\n".join(lines)

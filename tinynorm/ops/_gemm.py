@@ -18,6 +18,8 @@ each on its own slice, with one join at the end:
 * :func:`matmul_nt_sum` -- ``a @ b.T`` for a long shared inner dimension,
   split along it (each thread's partial product summed at the end).
 
+Small products (under ``SPLIT_MIN_FLOPS`` multiply-adds) run on one BLAS thread.
+
 T is OpenBLAS's own thread count at the time of the call (so
 ``threadpoolctl.threadpool_limits`` still governs it); small products, T = 1,
 non-NumPy arrays or a BLAS other than OpenBLAS go straight to ``numpy.matmul``.
@@ -90,6 +92,28 @@ def _run_split(jobs, n_threads):
             lib.set_num_threads(previous)
 
 
+def _single_threaded(fn):
+    """fn() with OpenBLAS at one thread.  For small products: waking a second
+    BLAS thread costs more than it saves, and when another process holds the
+    other core it costs a time slice (measured: a 2.6 M multiply-add GEMM of
+    cifar10-nv conv8 at width 0.25, batch 16, 0.3 ms or 16 ms from run to run on
+    two threads; 0.2 ms on one)."""
+    lib = _blas()
+    if lib is None or not _lock.acquire(blocking=False):
+        return fn()               # no OpenBLAS, or a split owns the setting (1 thread)
+    try:
+        previous = lib.get_num_threads()
+        if previous == 1:
+            return fn()
+        lib.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            lib.set_num_threads(previous)
+    finally:
+        _lock.release()
+
+
 def run_threads(jobs):
     """Run the callables ``jobs`` at once, one per thread (the first on the
     calling thread), with OpenBLAS at one thread; return their results in order.
@@ -131,6 +155,8 @@ def matmul(a, b, out=None):
     threads = _split_threads(a, b, flops=m * n * k)
     axis = 1 if b.ndim == 2 else 0
     if threads == 1 or b.shape[axis] < 2 * threads:
+        if m * n * k < SPLIT_MIN_FLOPS:
+            return _single_threaded(lambda: np.matmul(a, b, out=out))
         return np.matmul(a, b, out=out)
     if out is None:
         out = np.empty(shape, dtype=np.result_type(a, b))
@@ -152,6 +178,8 @@ def matmul_nt_sum(a, b):
     n = b.shape[0]
     threads = _split_threads(a, b, flops=m * n * length)
     if threads == 1 or length < 2 * threads:
+        if m * n * length < SPLIT_MIN_FLOPS:
+            return _single_threaded(lambda: np.matmul(a, b.T))
         return np.matmul(a, b.T)
     # each slice as (b_s @ a_s.T).T: OpenBLAS handles this orientation better
     # (measured 10-15% on the cifar10-nv conv shapes)
