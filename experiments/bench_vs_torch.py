@@ -17,9 +17,9 @@ medians and the tinynorm/PyTorch ratio:
 * ResNet-50 with the CIFAR stem, batch 128, 3x32x32: none, bn, wn.
 
 Both engines get ``--threads`` threads (numba, OpenBLAS, torch intra-op).
-Peak memory is measured in a fresh child process per engine and config
-(``--memory``; the growth of the peak RSS over the RSS after the imports,
-across two training steps).
+Peak memory is measured in a fresh child process per engine and config (the
+growth of the peak RSS, VmHWM, over the RSS after the imports, across two
+training steps; ``--no-memory`` skips it, ``--memory-only`` does only that).
 
 ``--allocator tuned`` calls :func:`tinynorm.backend.tune_allocator`, which
 makes glibc keep freed memory (as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -269,10 +268,14 @@ CONFIGS_SHAPE = {"cifar10_nv": (3, 28, 28), "resnet50": (3, 32, 32)}
 # memory (child process per engine and config)
 # ----------------------------------------------------------------------------
 
-def _rss_kb():
+def _status_kb(field):
+    """A /proc/self/status memory field in kB (VmRSS: now, VmHWM: peak).
+
+    Not ``getrusage``'s ru_maxrss: Linux carries it across fork and exec, so a
+    child would report its parent's peak whenever that was higher."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -283,7 +286,7 @@ def memory_child(engine, config, args):
     if args.allocator == "tuned":
         backend.tune_allocator()
     model_name, norm, shape = CONFIGS[config]
-    base = _rss_kb()
+    base = _status_kb("VmRSS")
     x, y = make_batch(args.batch, shape, np.float32)
     if engine == "tinynorm":
         model = build_tinynorm(model_name, norm, args.width, np.float32)
@@ -294,8 +297,7 @@ def memory_child(engine, config, args):
         x, y = torch_input(x, y, args.torch_channels_last)
     for _ in range(2):
         step(x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (peak - base) / 1024}))
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024}))
 
 
 def measure_memory(engine, config, args):
@@ -340,6 +342,7 @@ def main():
     p.add_argument("--torch-channels-last", action="store_true")
     p.add_argument("--no-check", action="store_true", help="skip the float64 agreement check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory children")
     p.add_argument("--memory-child", nargs=2, metavar=("ENGINE", "CONFIG"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -370,6 +373,13 @@ def main():
     rows = []
     for config in configs:
         model_name, norm, shape = CONFIGS[config]
+        if args.memory_only:
+            row = {"config": config, "tinynorm_mb": measure_memory("tinynorm", config, args),
+                   "torch_mb": measure_memory("torch", config, args)}
+            rows.append(row)
+            print(f"{config}: peak memory tinynorm {row['tinynorm_mb']:.0f} MB, torch "
+                  f"{row['torch_mb']:.0f} MB", flush=True)
+            continue
         if not args.no_check:
             name, err = check_float64(model_name, norm, args.width)
             status = "ok" if err < 1e-9 else "MISMATCH"
@@ -403,6 +413,8 @@ def main():
         print(f"{config}: tinynorm {row['tinynorm_ms']:.0f} ms, torch {row['torch_ms']:.0f} ms, "
               f"ratio {row['ratio']:.2f}", flush=True)
 
+    if args.memory_only:
+        return 0
     print()
     head = f"{'config':<18}{'tinynorm ms':>12}{'torch ms':>10}{'ratio':>7}"
     if not args.no_memory:
