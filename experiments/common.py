@@ -23,7 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tinynorm.backend import tune_allocator  # noqa: E402
 from tinynorm.train import Trainer, read_log  # noqa: E402
+
+tune_allocator()   # the experiment scripts are entry points: no page faults per step
 
 PRESETS = ("paper", "cpu", "smoke")
 

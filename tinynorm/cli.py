@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval", "profile"):
+        from .backend import tune_allocator
+        tune_allocator()   # keep freed activations in the heap: no page faults per step
     return args.func(args)
 
 
