@@ -105,10 +105,13 @@ class BatchNorm(Layer):
             self._cache = ("eval", cache)
         return y
 
+    # the train-mode backward op (BatchRenorm swaps in its own)
+    _train_backward = staticmethod(ops.batch_norm_backward)
+
     def backward(self, dy):
         mode, cache = self._cache
         if mode == "train":
-            dx, dgamma, dbeta = ops.batch_norm_backward(dy, cache)
+            dx, dgamma, dbeta = self._train_backward(dy, cache)
         else:
             dx, dgamma, dbeta = ops.batch_norm_inference_backward(dy, cache)
         if self.affine:
@@ -210,16 +213,8 @@ class BatchRenorm(Layer):
             self._cache = ("eval", cache)
         return y
 
-    def backward(self, dy):
-        mode, cache = self._cache
-        if mode == "train":
-            dx, dgamma, dbeta = ops.batch_renorm_backward(dy, cache)
-        else:
-            dx, dgamma, dbeta = ops.batch_norm_inference_backward(dy, cache)
-        if self.affine:
-            self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
-        self._cache = None
-        return dx
+    _train_backward = staticmethod(ops.batch_renorm_backward)
+    backward = BatchNorm.backward
 
     def __repr__(self):
         return (f"BatchRenorm({self.num_channels}, eps={self.eps}, momentum={self.momentum}, "
