@@ -116,3 +116,20 @@ def test_output_norms_are_tracked(tmp_path):
     norms = read_log(tmp_path / "n")["norms"]
     assert list(norms["iteration"]) == [0, 2]
     assert np.all(norms["first"] > 0) and np.all(norms["last"] > 0)
+
+
+def test_cli_resume_takes_the_runs_own_configuration(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--model", "deep_linear", "--norm", "bn", "--depth", "3", "--epochs", "2",
+            "--train-limit", "256", "--test-limit", "200", "--batch-size", "64",
+            "--lr", "0.01", "--max-iters", "4", "--out", str(out), "--no-progress"]
+    assert cli_main(args) == 0
+    assert read_log(out)["status"] == "completed" and len(read_log(out)["iter"]["loss"]) == 4
+    # only --out, --resume and the new limit: depth, norm, lr... come from the run
+    assert cli_main(["train", "--out", str(out), "--resume", "--max-iters", "8",
+                     "--no-progress"]) == 0
+    log = read_log(out)
+    assert log["config"]["depth"] == 3 and log["config"]["norm"] == "bn"
+    assert len(log["iter"]["loss"]) == 8
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        cli_main(["train", "--out", str(tmp_path / "none"), "--resume"])

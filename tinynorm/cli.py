@@ -72,6 +72,14 @@ def _cmd_train(args) -> int:
             overrides[key] = False
     if args.ddi:
         overrides["ddi"] = True
+    if args.resume:
+        # continue with the run's own configuration; the file and flags override it
+        from .train import read_log
+        out = Path(overrides.get("out") or base.get("out") or "runs/default")
+        if not (out / "checkpoint.h5").exists():
+            raise SystemExit(f"tinynorm: nothing to resume: {out / 'checkpoint.h5'} does not exist")
+        base = dict(read_log(out / "log.h5")["config"] if (out / "log.h5").exists() else {},
+                    **base)
     try:
         cfg = make_config(overrides, base)
     except KeyError as e:

@@ -316,7 +316,10 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self.load_checkpoint()
-            if self.status in ("completed", "diverged"):
+            max_iters = cfg["max_iters"]
+            more_to_do = self.epoch < cfg["epochs"] and (max_iters is None
+                                                         or self.opt.iteration < max_iters)
+            if self.status == "diverged" or (self.status == "completed" and not more_to_do):
                 return self.status
             self.status = "running"
         elif cfg["ddi"]:
@@ -386,11 +389,11 @@ class Trainer:
                 self._diverge("non-finite weights")
             stopped_early = max_iters is not None and self.opt.iteration >= max_iters
             if self.status != "running" or (stopped_early and self.batch < n_batches):
+                if self.status in ("running", "interrupted"):
+                    self.save_checkpoint()             # the exact position, mid-epoch
                 if self.status == "running":           # reached max_iters mid-epoch
                     self._epoch_end(epoch, time.perf_counter() - t0, n_images, force_eval=True)
                     self.status = "completed"
-                if self.status == "interrupted":
-                    self.save_checkpoint()
                 return
             row = self._epoch_end(epoch, time.perf_counter() - t0, n_images,
                                   force_eval=epoch + 1 == cfg["epochs"])
