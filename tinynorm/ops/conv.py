@@ -10,7 +10,7 @@ y (N, C_out, OH, OW).  ``stride`` and ``pad`` are ints or (h, w) pairs.
 
 How it is computed (one selector, :func:`_path`, picks the branch):
 
-* CPU, NumPy float32/float64 -- im2col + one BLAS GEMM per pass.  With
+* CPU, NumPy float32/float64 -- im2col + one BLAS GEMM per batch chunk.  With
   K = C*kh*kw, P = OH*OW and col = im2col(x) of shape (K, N*P)
   (see :mod:`tinynorm.ops._geometry`)::
 
@@ -20,7 +20,7 @@ How it is computed (one selector, :func:`_path`, picks the branch):
 
   The batch is folded into the GEMM's column dimension, so each pass is a
   few large GEMMs (no Python loop over pixels): the batch is cut into chunks
-  whose im2col buffer stays under ``COL_CHUNK_BYTES`` (64 MB; the whole
+  whose im2col buffer stays under ``COL_CHUNK_BYTES`` (32 MB; the whole
   cifar10-nv conv2 col at batch 128 would be 462 MB), one GEMM per chunk, and
   each GEMM runs as independent single-threaded BLAS calls on slices
   (:mod:`tinynorm.ops._gemm`).  Small numba kernels move between NCHW and the
