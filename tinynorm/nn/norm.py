@@ -453,7 +453,17 @@ class NormPropReLU(Layer):
         return "NormPropReLU()"
 
 
-class NormPropConv2d(Layer):
+class _ConvThenAct(Layer):
+    """A ``conv`` child followed by an ``act`` child (NormProp and TReLU WN units)."""
+
+    def forward(self, x):
+        return self.children["act"](self.children["conv"](x))
+
+    def backward(self, dy):
+        return self.children["conv"].backward(self.children["act"].backward(dy))
+
+
+class NormPropConv2d(_ConvThenAct):
     """Normalization propagation conv + ReLU (Arpit et al. 2016), paper section 3.2:
 
         o_j = c1 [relu(gamma_j (W_j * x) / (||W_j|| + eps) + beta_j) - c0]
@@ -472,11 +482,6 @@ class NormPropConv2d(Layer):
                                          dtype=dtype)
         self.children["act"] = NormPropReLU()
 
-    def forward(self, x):
-        return self.children["act"](self.children["conv"](x))
-
-    def backward(self, dy):
-        return self.children["conv"].backward(self.children["act"].backward(dy))
 
     def __repr__(self):
         return f"NormPropConv2d({self.children['conv']!r})"
@@ -506,7 +511,7 @@ class TReLU(Layer):
         return f"TReLU({self.num_channels})"
 
 
-class TReLUConv2d(Layer):
+class TReLUConv2d(_ConvThenAct):
     """TReLU WN conv (Xiang & Li 2017), paper section 3.2:
 
         o_j = relu((W_j * x) / (||W_j|| + eps) - alpha_j) + alpha_j
@@ -523,11 +528,6 @@ class TReLUConv2d(Layer):
                                          bias=bias, eps=eps, rng=rng, init=init, dtype=dtype)
         self.children["act"] = TReLU(c_out, dtype=dtype)
 
-    def forward(self, x):
-        return self.children["act"](self.children["conv"](x))
-
-    def backward(self, dy):
-        return self.children["conv"].backward(self.children["act"].backward(dy))
 
     def __repr__(self):
         return f"TReLUConv2d({self.children['conv']!r})"

@@ -62,6 +62,7 @@ from numba import njit, prange, uint64
 from .. import backend
 from . import _gemm
 from . import _geometry as geo
+from ._checks import check_bias_and_backend
 
 __all__ = [
     "conv2d_forward", "conv2d_backward", "conv2d_backward_data", "conv2d_backward_filter",
@@ -98,19 +99,7 @@ def _check_args(x, w, b, stride, pad, op=_OP):
     if min(x.shape) == 0 or min(w.shape) == 0:
         raise ValueError(f"{op}: empty array: x shape {tuple(x.shape)}, w shape "
                          f"{tuple(w.shape)}")
-    arrays = [x, w]
-    if b is not None:
-        if not backend.is_array(b):
-            raise ValueError(f"{op}: b must be an array or None; got {type(b).__name__}")
-        if tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"{op}: bias shape mismatch: b has shape {tuple(b.shape)}, "
-                             f"expected ({w.shape[0]},) (one per output channel)")
-        if b.dtype != x.dtype:
-            raise ValueError(f"{op}: dtype mismatch: x is {x.dtype} but b is {b.dtype}")
-        arrays.append(b)
-    xp = backend.get_array_module(*arrays)
-    if any(backend.get_array_module(a) is not xp for a in arrays):
-        raise ValueError(f"{op}: x, w and b must all be NumPy or all CuPy arrays")
+    xp = check_bias_and_backend(op, x, w, b, "output channel")
     stride = geo.pair(stride, "stride", op, minimum=1)
     pad = geo.pair(pad, "pad", op, minimum=0)
     kernel = (int(w.shape[2]), int(w.shape[3]))

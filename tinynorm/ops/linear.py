@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from ._checks import check_bias_and_backend
 
 __all__ = ["linear_forward", "linear_backward", "gradcheck_cases"]
 
@@ -33,20 +34,7 @@ def _check_args(x, w, b):
         raise ValueError(f"{_OP}: feature mismatch: x has D_in={x.shape[1]} features "
                          f"(shape {tuple(x.shape)}) but w expects D_in={w.shape[1]} "
                          f"(shape {tuple(w.shape)})")
-    arrays = [x, w]
-    if b is not None:
-        if not backend.is_array(b):
-            raise ValueError(f"{_OP}: b must be an array or None; got {type(b).__name__}")
-        if tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"{_OP}: bias shape mismatch: b has shape {tuple(b.shape)}, "
-                             f"expected ({w.shape[0]},) (one per output feature)")
-        if b.dtype != x.dtype:
-            raise ValueError(f"{_OP}: dtype mismatch: x is {x.dtype} but b is {b.dtype}")
-        arrays.append(b)
-    xp = backend.get_array_module(*arrays)
-    if any(backend.get_array_module(a) is not xp for a in arrays):
-        raise ValueError(f"{_OP}: x, w and b must all be NumPy or all CuPy arrays")
-    return xp
+    return check_bias_and_backend(_OP, x, w, b, "output feature")
 
 
 def linear_forward(x, w, b=None):
