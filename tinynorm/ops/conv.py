@@ -62,6 +62,7 @@ from numba import njit, prange, uint64
 from .. import backend
 from . import _gemm
 from . import _geometry as geo
+from . import _winograd as _wg
 from ._checks import check_bias_and_backend
 
 __all__ = [
@@ -417,14 +418,17 @@ def _col_bytes(x, w, oh, ow):
     return x.shape[1] * w.shape[2] * w.shape[3] * oh * ow * x.itemsize
 
 
-def _chunk_groups(x, w, oh, ow):
-    """The chunks of the batch, grouped per thread: [[(start, stop), ...], ...]."""
+def _chunk_groups(x, w, oh, ow, bytes_per_sample=None):
+    """The chunks of the batch, grouped per thread: [[(start, stop), ...], ...].
+    Chunks hold at most COL_CHUNK_BYTES of ``bytes_per_sample`` (default: im2col's)."""
     n = x.shape[0]
     flops = n * oh * ow * w.size
+    if bytes_per_sample is None:
+        bytes_per_sample = _col_bytes(x, w, oh, ow)
     threads = _gemm.threads_for(x, w, flops=flops)
     if threads == 1 or n < threads:
-        return [_batch_chunks(n, _col_bytes(x, w, oh, ow))]
-    chunks = _batch_chunks(n, _col_bytes(x, w, oh, ow), min_count=threads)
+        return [_batch_chunks(n, bytes_per_sample)]
+    chunks = _batch_chunks(n, bytes_per_sample, min_count=threads)
     m = len(chunks)                       # a multiple of threads unless capped at n
     return [chunks[t * m // threads:(t + 1) * m // threads] for t in range(threads)]
 
@@ -438,6 +442,8 @@ def _run_groups(groups, fn):
 
 
 def _forward_cpu(x, w, b, kernel, stride, pad, oh, ow):
+    if _use_winograd(x, w, kernel, stride):
+        return _forward_winograd(x, w, b, pad, oh, ow)
     n = x.shape[0]
     c_out = w.shape[0]
     # w2: (C_out, C_in, kh, kw) -> (C_out, K), K = C_in*kh*kw, matching col's rows
@@ -476,11 +482,13 @@ def _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx, need_dw):
         dw (C_out, K)  = sum over chunks of dY_c (C_out, n_c*P) @ col_c.T
         dx[chunk]      = col2im(w2.T (K, C_out) @ dY_c)
     """
+    dy = np.ascontiguousarray(dy)
+    if _use_winograd(x, w, kernel, stride):
+        return _backward_winograd(dy, x, w, has_bias, pad, need_dx, need_dw)
     n, c, h, v = x.shape
     c_out = w.shape[0]
     oh, ow = dy.shape[2], dy.shape[3]
     w2 = np.ascontiguousarray(w).reshape(c_out, -1)
-    dy = np.ascontiguousarray(dy)
     pointwise = _is_pointwise(kernel, stride, pad)
     stacked = pointwise and _use_stacked(c, c_out, oh * ow)
     dx = None
@@ -530,6 +538,102 @@ def _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx, need_dw):
         for part, _ in results[1:]:
             dw += part
         dw = dw.reshape(w.shape)
+    if has_bias:
+        db = results[0][1]
+        for _, part in results[1:]:
+            db += part
+        db = db.astype(x.dtype)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# CPU: Winograd F(2x2, 3x3) for 3x3 / stride-1 convs (see _winograd.py)
+# ----------------------------------------------------------------------------
+
+# The path is on when True and the conv is 3x3 / stride 1 with at least this
+# many input and output channels (below it the 16 GEMMs are too thin; conv1 of
+# cifar10-nv, 3 -> 128, stays on im2col).
+WINOGRAD = True
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def _use_winograd(x, w, kernel, stride):
+    return (WINOGRAD and kernel == (3, 3) and stride == (1, 1)
+            and min(x.shape[1], w.shape[0]) >= WINOGRAD_MIN_CHANNELS)
+
+
+def _tbuf(name, rows, cols, dtype):
+    """A (16, rows, cols) transform-domain workspace (see ``_winograd.transform_buffer``)."""
+    itemsize = np.dtype(dtype).itemsize
+    return _wg.transform_buffer(_workspace(name, (_wg.buffer_size(rows, cols, itemsize),),
+                                           dtype), rows, cols)
+
+
+def _winograd_bytes(x, w, oh, ow):
+    """Bytes per sample of the transform-domain buffers (V or M, the larger)."""
+    th, tw = _wg.tiles(oh, ow)
+    return 16 * max(x.shape[1], w.shape[0]) * th * tw * x.itemsize
+
+
+def _forward_winograd(x, w, b, pad, oh, ow):
+    """y = A^T [U (x) V] A per tile, chunk by chunk of the batch: 16 GEMMs
+    (C_out, C) @ (C, tiles) per chunk as one stacked ``numpy.matmul``."""
+    n, c = x.shape[:2]
+    c_out = w.shape[0]
+    th, tw = _wg.tiles(oh, ow)
+    u = _wg.filter_transform(np.ascontiguousarray(w))          # (16, C_out, C)
+    y = np.empty((n, c_out, oh, ow), dtype=x.dtype)
+
+    def run(chunks, serial):
+        for s, e in chunks:
+            v = _wg.input_transform(x[s:e], pad, _tbuf("wg_v", c, (e - s) * th * tw, x.dtype),
+                                    serial)
+            m = _tbuf("wg_m", c_out, v.shape[2], x.dtype)
+            np.matmul(u, v, out=m)
+            _wg.output_transform(m, e - s, oh, ow, b, y[s:e], serial)
+    _run_groups(_chunk_groups(x, w, oh, ow, _winograd_bytes(x, w, oh, ow)), run)
+    return y
+
+
+def _backward_winograd(dy, x, w, has_bias, pad, need_dx, need_dw):
+    """(dx, dw, db) as transposes of the forward's maps, chunk by chunk:
+    dM = A dY A^T;  dU += dM @ V^T (16 GEMMs);  dV = U^T @ dM;  dx = B dV B^T
+    scattered;  dw = G^T dU G."""
+    n, c, h, v_ = x.shape
+    c_out = w.shape[0]
+    oh, ow = dy.shape[2], dy.shape[3]
+    th, tw = _wg.tiles(oh, ow)
+    u_t = _wg.filter_transform(np.ascontiguousarray(w)).transpose(0, 2, 1) if need_dx else None
+    dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
+
+    def run(chunks, serial):
+        du_sum = None
+        db_sum = np.zeros(c_out, dtype=np.float64)
+        for s, e in chunks:
+            t = (e - s) * th * tw
+            dm, sums = _wg.output_transform_adjoint(dy[s:e], _tbuf("wg_m", c_out, t, x.dtype),
+                                                    serial)
+            db_sum += sums
+            if need_dw:
+                v = _wg.input_transform(x[s:e], pad, _tbuf("wg_v", c, t, x.dtype), serial)
+                part = np.matmul(dm, v.transpose(0, 2, 1))       # (16, C_out, C)
+                if du_sum is None:
+                    du_sum = part
+                else:
+                    du_sum += part
+            if need_dx:
+                dv = _tbuf("wg_v", c, t, x.dtype)
+                np.matmul(u_t, dm, out=dv)
+                _wg.input_transform_adjoint(dv, (e - s, c, h, v_), pad, dx[s:e], serial)
+        return du_sum, db_sum
+
+    results = _run_groups(_chunk_groups(x, w, oh, ow, _winograd_bytes(x, w, oh, ow)), run)
+    dw = db = None
+    if need_dw:
+        du = results[0][0]
+        for part, _ in results[1:]:
+            du += part
+        dw = _wg.filter_transform_adjoint(du).astype(x.dtype, copy=False)
     if has_bias:
         db = results[0][1]
         for _, part in results[1:]:
@@ -666,7 +770,8 @@ def conv2d_reference_backward(dy, cache):
 # ----------------------------------------------------------------------------
 
 def gradcheck_cases():
-    """Small float64 cases: kernels 1/3/5 and 2x3, strides 1/2/(2,1), pads 0/1/2."""
+    """Small float64 cases: kernels 1/3/5 and 2x3, strides 1/2/(2,1), pads 0/1/2,
+    and a 3x3 / stride-1 conv with 16 channels (Winograd)."""
     rng = np.random.default_rng(0)
     configs = [
         # (N, C, H, W), C_out, (kh, kw), stride, pad, bias
@@ -675,6 +780,7 @@ def gradcheck_cases():
         ((2, 2, 6, 7), 3, (5, 5), 1, 2, False),
         ((2, 3, 4, 5), 2, (1, 1), 1, 0, True),
         ((1, 2, 7, 6), 3, (2, 3), (2, 1), (1, 2), True),
+        ((2, 16, 5, 4), 16, (3, 3), 1, 1, True),        # the Winograd path
     ]
     cases = []
     for shape, c_out, (kh, kw), stride, pad, bias in configs:

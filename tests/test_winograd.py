@@ -1,0 +1,210 @@
+"""Winograd F(2x2, 3x3) path of conv2d: held to the direct reference
+convolution (float64, 1e-12), its transforms to their definitions and their
+adjoints, its gradients to finite differences, and its threaded pipeline to
+the plain one."""
+import numpy as np
+import pytest
+
+from tinynorm.gradcheck import gradcheck
+from tinynorm.ops import _gemm
+from tinynorm.ops import _geometry as geo
+from tinynorm.ops import _winograd as wg
+from tinynorm.ops import conv as conv_mod
+from tinynorm.ops.conv import (conv2d_backward, conv2d_backward_data, conv2d_backward_filter,
+                               conv2d_forward, conv2d_reference_backward,
+                               conv2d_reference_forward)
+
+# (N, C, H, W), C_out, pad, bias -- all 3x3 / stride 1 with >= 16 channels
+CONFIGS = [
+    ((2, 16, 6, 6), 16, 1, True),       # even output, whole tiles
+    ((3, 17, 7, 5), 20, 1, False),      # odd output both ways
+    ((2, 16, 7, 7), 18, 0, True),       # pad 0: 5x5 output
+    ((1, 24, 5, 6), 16, 2, True),       # pad 2, batch 1
+    ((2, 16, 3, 3), 16, 0, True),       # 1x1 output: one tile, three quarters dropped
+    ((2, 16, 4, 9), 32, 1, False),
+]
+
+
+def _ids(configs):
+    return [f"x{c[0]}-o{c[1]}-p{c[2]}-{'b' if c[3] else 'nob'}" for c in configs]
+
+
+def _make(rng, shape, c_out, bias, dtype=np.float64):
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((c_out, shape[1], 3, 3)) / np.sqrt(9 * shape[1])).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of the Winograd forward and backward."""
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = conv_mod._forward_winograd, conv_mod._backward_winograd
+
+    def forward(*a, **k):
+        calls["forward"] += 1
+        return fwd(*a, **k)
+
+    def backward(*a, **k):
+        calls["backward"] += 1
+        return bwd(*a, **k)
+    monkeypatch.setattr(conv_mod, "_forward_winograd", forward)
+    monkeypatch.setattr(conv_mod, "_backward_winograd", backward)
+    return calls
+
+
+@pytest.mark.parametrize("shape,c_out,pad,bias", CONFIGS, ids=_ids(CONFIGS))
+def test_winograd_matches_direct_convolution(rng, spy, shape, c_out, pad, bias):
+    x, w, b = _make(rng, shape, c_out, bias)
+    y, cache = conv2d_forward(x, w, b, 1, pad)
+    y_ref, cache_ref = conv2d_reference_forward(x, w, b, 1, pad)
+    assert spy["forward"] == 1
+    assert y.shape == y_ref.shape and y.flags.c_contiguous
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = conv2d_backward(dy, cache)
+    assert spy["backward"] == 1
+    dx_ref, dw_ref, db_ref = conv2d_reference_backward(dy, cache_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
+    assert dx.flags.c_contiguous and dw.flags.c_contiguous and dw.dtype == w.dtype
+    if bias:
+        np.testing.assert_allclose(db, db_ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert db is None
+    np.testing.assert_array_equal(conv2d_backward_data(dy, cache), dx)
+    dw_only, db_only = conv2d_backward_filter(dy, cache)
+    np.testing.assert_array_equal(dw_only, dw)
+    assert (db_only is None) == (not bias)
+
+
+@pytest.mark.parametrize("shape,c_out,pad,bias", CONFIGS[:3], ids=_ids(CONFIGS[:3]))
+def test_winograd_float32_within_a_few_ulps(rng, shape, c_out, pad, bias):
+    x, w, b = _make(rng, shape, c_out, bias, np.float32)
+    y, cache = conv2d_forward(x, w, b, 1, pad)
+    f64 = [a.astype(np.float64) if a is not None else None for a in (x, w, b)]
+    y_ref, cache_ref = conv2d_reference_forward(*f64, 1, pad)
+    assert y.dtype == np.float32
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    got = (y,) + tuple(g for g in conv2d_backward(dy, cache) if g is not None)
+    ref = (y_ref,) + tuple(g for g in conv2d_reference_backward(dy.astype(np.float64),
+                                                               cache_ref) if g is not None)
+    for a, r in zip(got, ref):
+        assert a.dtype == np.float32
+        # error relative to the result's scale; float32 eps is 1.2e-7
+        assert np.abs(a - r).max() <= 2e-6 * np.abs(r).max()
+
+
+def test_winograd_gradients_match_finite_differences(rng, spy):
+    x, w, b = _make(rng, (2, 16, 5, 4), 16, True)
+    results = gradcheck(conv2d_forward, conv2d_backward, x, w, b, 1, 1,
+                        names=("x", "w", "b", "stride", "pad"))
+    assert spy["forward"] >= 1 and spy["backward"] >= 1
+    assert [r.name for r in results] == ["x", "w", "b"]
+    assert all(r.passed and r.max_rel_error <= 1e-6 for r in results)
+
+
+def test_switch_and_thresholds_select_the_path(rng, spy, monkeypatch):
+    x, w, b = _make(rng, (2, 16, 6, 6), 16, True)
+    monkeypatch.setattr(conv_mod, "WINOGRAD", False)
+    y_im2col, _ = conv2d_forward(x, w, b, 1, 1)
+    assert spy["forward"] == 0
+    monkeypatch.setattr(conv_mod, "WINOGRAD", True)
+    y_wino, _ = conv2d_forward(x, w, b, 1, 1)
+    assert spy["forward"] == 1
+    np.testing.assert_allclose(y_wino, y_im2col, rtol=1e-12, atol=1e-12)
+    # not used: too few channels, stride 2, 5x5 kernel
+    conv2d_forward(*_make(rng, (2, 3, 6, 6), 16, True), 1, 1)
+    conv2d_forward(x, w, b, 2, 1)
+    conv2d_forward(x, *_make(rng, (2, 16, 6, 6), 16, True)[1:], 1, 1)   # same shapes again
+    assert spy["forward"] == 2
+    w5 = rng.standard_normal((16, 16, 5, 5))
+    conv2d_forward(x, w5, None, 1, 2)
+    assert spy["forward"] == 2
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_threaded_pipeline_and_kernels_agree(rng, monkeypatch, parallel):
+    """Many small chunks on two threads (the serial kernels), and the parallel
+    kernels on the calling thread, against the im2col path."""
+    x, w, b = _make(rng, (6, 16, 9, 8), 24, True)
+    dy = rng.standard_normal((6, 24, 9, 8))
+    monkeypatch.setattr(conv_mod, "WINOGRAD", False)
+    y0, c0 = conv2d_forward(x, w, b, 1, 1)
+    g0 = conv2d_backward(dy, c0)
+    monkeypatch.setattr(conv_mod, "WINOGRAD", True)
+    monkeypatch.setattr(geo, "PARALLEL", parallel)
+    monkeypatch.setattr(geo, "PARALLEL_MIN_WORK", 0)
+    if not parallel:
+        monkeypatch.setattr(conv_mod, "COL_CHUNK_BYTES", 1)       # one sample per chunk
+        monkeypatch.setattr(_gemm, "threads_for", lambda *a, **k: 2)
+    y1, c1 = conv2d_forward(x, w, b, 1, 1)
+    np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(conv2d_backward(dy, c1), g0):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def _buffer(rows, cols, dtype=np.float64):
+    return wg.transform_buffer(np.full(wg.buffer_size(rows, cols, np.dtype(dtype).itemsize),
+                                       np.nan, dtype=dtype), rows, cols)
+
+
+def test_transforms_equal_their_matrix_definitions(rng):
+    n, c, h, w_, pad = 2, 3, 5, 7, (1, 1)
+    x = rng.standard_normal((n, c, h, w_))
+    oh, ow = h, w_
+    th, tw = wg.tiles(oh, ow)
+    v = wg.input_transform(x, pad, _buffer(c, n * th * tw))
+    xp = np.zeros((n, c, 2 * th + 2, 2 * tw + 2))
+    xp[:, :, 1:1 + h, 1:1 + w_] = x
+    for (nn, cc, ty, tx) in [(0, 0, 0, 0), (1, 2, th - 1, tw - 1), (0, 1, 1, 2)]:
+        d = xp[nn, cc, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4]
+        expect = (wg.BT @ d @ wg.BT.T).reshape(16)
+        np.testing.assert_allclose(v[:, cc, (nn * th + ty) * tw + tx], expect, atol=1e-14)
+    m = rng.standard_normal((16, c, n * th * tw))
+    mb = _buffer(c, n * th * tw)
+    mb[...] = m
+    y = wg.output_transform(mb, n, oh, ow, None, np.empty((n, c, oh, ow)))
+    for (nn, cc, ty, tx) in [(0, 0, 0, 0), (1, 2, th - 1, tw - 1)]:
+        tile = wg.AT @ m[:, cc, (nn * th + ty) * tw + tx].reshape(4, 4) @ wg.AT.T
+        block = y[nn, cc, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2]
+        np.testing.assert_allclose(block, tile[:block.shape[0], :block.shape[1]], atol=1e-14)
+    g = rng.standard_normal((4, c, 3, 3))
+    u = wg.filter_transform(g)
+    np.testing.assert_allclose(u[:, 1, 2].reshape(4, 4), wg.G @ g[1, 2] @ wg.G.T, atol=1e-14)
+
+
+@pytest.mark.parametrize("h,w,pad", [(5, 7, 1), (6, 6, 0), (4, 5, 2)])
+def test_adjoint_transforms_are_transposes(rng, h, w, pad):
+    """<T x, z> == <x, T^T z> for the input, output and filter transforms."""
+    n, c = 2, 3
+    pad = (pad, pad)
+    oh, ow = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
+    th, tw = wg.tiles(oh, ow)
+    x = rng.standard_normal((n, c, h, w))
+    z = _buffer(c, n * th * tw)
+    z[...] = rng.standard_normal(z.shape)
+    tx_ = wg.input_transform(x, pad, _buffer(c, n * th * tw))
+    back = wg.input_transform_adjoint(z, x.shape, pad, np.empty_like(x))
+    assert np.isclose(np.sum(tx_ * z), np.sum(x * back), rtol=1e-12)
+    dy = rng.standard_normal((n, c, oh, ow))
+    m = _buffer(c, n * th * tw)
+    m[...] = rng.standard_normal(m.shape)
+    y = wg.output_transform(m, n, oh, ow, None, np.empty((n, c, oh, ow)))
+    dm, sums = wg.output_transform_adjoint(dy, _buffer(c, n * th * tw))
+    assert np.isclose(np.sum(y * dy), np.sum(m * dm), rtol=1e-12)
+    np.testing.assert_allclose(sums, dy.sum(axis=(0, 2, 3)), rtol=1e-12)
+    g = rng.standard_normal((4, c, 3, 3))
+    du = rng.standard_normal((16, 4, c))
+    assert np.isclose(np.sum(wg.filter_transform(g) * du),
+                      np.sum(g * wg.filter_transform_adjoint(du)), rtol=1e-12)
+
+
+def test_k_slices_avoid_4k_aliasing():
+    for rows, cols, itemsize in [(128, 1568, 4), (16, 3, 8), (256, 784, 4)]:
+        sk = wg.k_stride(rows, cols, itemsize)
+        assert sk >= rows * cols
+        assert (sk * itemsize) % 4096 == 256
+    v = _buffer(5, 7, np.float32)
+    assert v.shape == (16, 5, 7) and v[3].flags.c_contiguous
