@@ -8,6 +8,10 @@ plain float32 ``numpy.matmul`` of the same GEMM shape (M x K @ K x N, both
 operands C-contiguous, preallocated output) measured in the same run, and the
 ratio conv / matmul.  The conv times include everything the op does (im2col,
 layout changes, bias, col2im, output allocation); the target is ratio >= 0.7.
+The 3x3 / stride-1 layers (conv2-conv7) run the Winograd F(2x2, 3x3) path,
+which does 2.25x fewer multiply-adds than the direct count used for GF/s: their
+"conv GF/s" is an effective rate and can exceed the matmul's (ratio > 1).
+``--no-winograd`` times the im2col path for every layer.
 
 Each pass and its matmul are timed alternately, ``--repeat`` times, and the
 fastest of each is kept, so a neighbour process on the other core disturbs
@@ -20,6 +24,7 @@ otherwise spin for ~0.1 s after every GEMM and fight a second numba thread.
 Compare ``OPENBLAS_THREAD_TIMEOUT=4 python experiments/bench_ops.py``.
 
     python experiments/bench_ops.py [--batch 128] [--repeat 5] [--layers conv2,conv8]
+                                    [--no-winograd]
 """
 from __future__ import annotations
 
@@ -98,7 +103,12 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,conv8")
+    parser.add_argument("--no-winograd", action="store_true",
+                        help="im2col for every layer (conv.WINOGRAD = False)")
     args = parser.parse_args(argv)
+    if args.no_winograd:
+        from tinynorm.ops import conv as conv_mod
+        conv_mod.WINOGRAD = False
     wanted = set(filter(None, args.layers.split(",")))
     rng = np.random.default_rng(0)
 
@@ -110,7 +120,8 @@ def main(argv=None):
     spin = _geometry.blas_workers_spin()
     print(f"numpy {np.__version__}, BLAS: {', '.join(blas) or '?'}, numba "
           f"{numba.__version__} ({numba.get_num_threads()} threads), batch {args.batch}, "
-          f"float32, best of {args.repeat}")
+          f"float32, best of {args.repeat}, 3x3/stride-1 convs by "
+          f"{'im2col' if args.no_winograd else 'Winograd F(2x2,3x3)'}")
     print(f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', '(unset)')}: "
           f"numba kernels run on "
           f"{'1 thread' if spin else f'{numba.get_num_threads()} threads'}")

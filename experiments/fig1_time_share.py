@@ -13,9 +13,9 @@ Presets (batch 128 for both):
 """
 import json
 
-import numpy as np
 
 from common import ROOT, figure_path, log_dir, parse_args
+import numpy as np  # after common, which imports tinynorm first (OPENBLAS_THREAD_TIMEOUT)
 
 from tinynorm.models import cifar10_nv, resnet50
 from tinynorm.profile import format_profile, profile_step

@@ -16,9 +16,9 @@ Presets:
 
     python experiments/linear_divergence.py --preset cpu
 """
-import numpy as np
 
 from common import figure_path, parse_args, run_variants
+import numpy as np  # after common, which imports tinynorm first (OPENBLAS_THREAD_TIMEOUT)
 
 NORMS = ("wn", "bn", "none")
 COMMON = dict(model="deep_linear", depth=50, linear_width=64, schedule="constant",
