@@ -137,6 +137,12 @@ def col2im_reference(col, x_shape, kernel, stride, pad):
 
 # ----------------------------------------------------------------------------
 # numba kernels.  Flat 1-D arrays with explicit offsets; offsets are cast to
+# Both kernels run one iteration per plane (n, c), in channel-major order (n
+# fastest): consecutive iterations then fill (or read) the same kh*kw rows of
+# col, each further along, instead of jumping across all C*kh*kw rows -- which
+# for a col larger than the TLB's reach costs a page walk per row segment
+# (measured: im2col of a 512-channel 8x8 stride-2 conv at batch 128, 88 ms
+# sample-major, 28 ms channel-major).
 # uint64 before indexing because numba adds a negative-index wrap-around branch
 # to every signed index, which stops LLVM from vectorising the unit-stride
 # inner loops (measured: 91 ms -> 34 ms for the cifar10-nv conv2 im2col).
@@ -167,10 +173,10 @@ def _fill_zero(a, start, count):
 def _im2col_kernel(x, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, col):
     plane_out = oh * ow
     n_cols = n_batch * plane_out
-    for nc in prange(n_batch * n_chan):
-        n = nc // n_chan
-        c = nc - n * n_chan
-        x_base = nc * h * w
+    for cn in prange(n_batch * n_chan):
+        c = cn // n_batch
+        n = cn - c * n_batch
+        x_base = (n * n_chan + c) * h * w
         for i in range(kh):
             for j in range(kw):
                 row = ((c * kh + i) * kw + j) * n_cols + n * plane_out
@@ -199,10 +205,10 @@ def _im2col_kernel(x, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, col
 def _col2im_kernel(col, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, x):
     plane_out = oh * ow
     n_cols = n_batch * plane_out
-    for nc in prange(n_batch * n_chan):
-        n = nc // n_chan
-        c = nc - n * n_chan
-        x_base = nc * h * w
+    for cn in prange(n_batch * n_chan):
+        c = cn // n_batch
+        n = cn - c * n_batch
+        x_base = (n * n_chan + c) * h * w
         _fill_zero(x, x_base, h * w)
         for i in range(kh):
             for j in range(kw):

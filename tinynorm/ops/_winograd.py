@@ -46,9 +46,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["tiles", "filter_transform", "filter_transform_adjoint", "input_transform",
+__all__ = ["M", "SLICES", "tiles", "filter_transform", "filter_transform_adjoint", "input_transform",
            "input_transform_adjoint", "output_transform", "output_transform_adjoint",
            "transform_buffer", "buffer_size", "k_stride", "G", "BT", "AT"]
+
+M = 2           # output tile
+SLICES = 16     # transform-domain positions (M + 2)^2
 
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
 G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype=np.float64)
@@ -60,19 +63,36 @@ def tiles(oh, ow):
     return (oh + 1) // 2, (ow + 1) // 2
 
 
+def kron_filter_transform(w, kron):
+    """w (C_out, C, 3, 3) -> U (S, C_out, C) = kron @ w2^T, with kron = G (x) G
+    (S, 9) and w2 = w as (C_out*C, 9): U[k] = (G w G^T)[a, b] for k = a*m + b.
+    One GEMM in w's dtype (an einsum's float64 temporaries cost 0.1 s for a
+    512x512 filter bank)."""
+    c_out, c = w.shape[:2]
+    w2 = np.ascontiguousarray(w).reshape(c_out * c, 9)
+    return (kron.astype(w.dtype) @ w2.T).reshape(kron.shape[0], c_out, c)
+
+
+def kron_filter_transform_adjoint(du, kron):
+    """dU (S, C_out, C) -> dw (C_out, C, 3, 3) = dU2^T @ kron, the transpose of
+    :func:`kron_filter_transform`, in dU's dtype."""
+    s, c_out, c = du.shape
+    du2 = np.ascontiguousarray(du).reshape(s, c_out * c)
+    return (du2.T @ kron.astype(du.dtype)).reshape(c_out, c, 3, 3)
+
+
+KRON = np.kron(G, G)
+
+
 def filter_transform(w):
     """w (C_out, C, 3, 3) -> U (16, C_out, C), U[4a+b] = (G w G^T)[a, b]."""
-    g = G.astype(w.dtype)
-    u = np.einsum("ai,ocij,bj->aboc", g, w, g, optimize=True)
-    return np.ascontiguousarray(u.reshape(16, w.shape[0], w.shape[1]))
+    return kron_filter_transform(w, KRON)
 
 
 def filter_transform_adjoint(du):
     """dU (16, C_out, C) -> dw (C_out, C, 3, 3) = G^T dU G (the transpose of
     :func:`filter_transform`)."""
-    g = G.astype(du.dtype)
-    d = du.reshape(4, 4, du.shape[1], du.shape[2])
-    return np.ascontiguousarray(np.einsum("ai,aboc,bj->ocij", g, d, g, optimize=True))
+    return kron_filter_transform_adjoint(du, KRON)
 
 
 # ----------------------------------------------------------------------------
@@ -89,10 +109,10 @@ def _input_kernel(x, n_batch, n_chan, h, w, ph, pw, th, tw, stride_k, v):
     sh = 2 * th + 2
     sw = 2 * tw + 2
     for nc in prange(n_batch * n_chan):
-        n = nc // n_chan
-        c = nc - n * n_chan
+        c = nc // n_batch     # channel-major: see _geometry's im2col kernel
+        n = nc - c * n_batch
         pad = np.zeros((sh, sw), dtype=x.dtype)
-        base = nc * h * w
+        base = (n * n_chan + c) * h * w
         for iy in range(h):
             py = iy + ph
             if py >= sh:
@@ -156,8 +176,8 @@ def _input_adjoint_kernel(dv, n_batch, n_chan, h, w, ph, pw, th, tw, stride_k, d
     sh = 2 * th + 2
     sw = 2 * tw + 2
     for nc in prange(n_batch * n_chan):
-        n = nc // n_chan
-        c = nc - n * n_chan
+        c = nc // n_batch     # channel-major: see _geometry's im2col kernel
+        n = nc - c * n_batch
         pad = np.zeros((sh, sw), dtype=dv.dtype)
         src = c * n_tiles + n * th * tw
         for ty in range(th):
@@ -220,7 +240,7 @@ def _input_adjoint_kernel(dv, n_batch, n_chan, h, w, ph, pw, th, tw, stride_k, d
                 r3[j + 1] -= z1
                 r3[j + 2] -= z2
                 r3[j + 3] -= z3
-        base = nc * h * w
+        base = (n * n_chan + c) * h * w
         for iy in range(h):
             py = iy + ph
             for ix in range(w):
@@ -240,11 +260,11 @@ def _output_kernel(m, bias, n_batch, n_out, oh, ow, th, tw, stride_k, y):
     """y[n, o] = A^T M A per tile, + bias[o] (flat arrays; drops outputs past OH/OW)."""
     n_tiles = n_batch * th * tw
     for no in prange(n_batch * n_out):
-        n = no // n_out
-        o = no - n * n_out
+        o = no // n_batch     # channel-major
+        n = no - o * n_batch
         bo = bias[o]
         src = o * n_tiles + n * th * tw
-        base = no * oh * ow
+        base = (n * n_out + o) * oh * ow
         for ty in range(th):
             for tx in range(tw):
                 q = src + ty * tw + tx
@@ -292,10 +312,10 @@ def _output_adjoint_kernel(dy, n_batch, n_out, oh, ow, th, tw, stride_k, dm, sum
     n_tiles = n_batch * th * tw
     zero = np.zeros(1, dtype=dy.dtype)[0]
     for no in prange(n_batch * n_out):
-        n = no // n_out
-        o = no - n * n_out
+        o = no // n_batch     # channel-major
+        n = no - o * n_batch
         dst = o * n_tiles + n * th * tw
-        base = no * oh * ow
+        base = (n * n_out + o) * oh * ow
         acc = 0.0
         for ty in range(th):
             for tx in range(tw):
@@ -339,7 +359,7 @@ def _output_adjoint_kernel(dy, n_batch, n_out, oh, ow, th, tw, stride_k, dm, sum
                 dm[q + 13 * stride_k] = u30 + u31
                 dm[q + 14 * stride_k] = u30 - u31
                 dm[q + 15 * stride_k] = -u31
-        sums[no] = acc
+        sums[n * n_out + o] = acc
 
 
 # single-threaded twins that release the GIL (conv2d's batch pipeline)
@@ -370,19 +390,20 @@ def k_stride(rows, cols, itemsize):
     return (-(-size // 4096) * 4096 + 256) // itemsize
 
 
-def transform_buffer(buf, rows, cols):
-    """A (16, rows, cols) view of the flat workspace ``buf`` with k-slices
+def transform_buffer(buf, rows, cols, slices=16):
+    """A (slices, rows, cols) view of the flat workspace ``buf`` with k-slices
     :func:`k_stride` apart (each slice C-contiguous, as BLAS wants it);
-    ``buf`` needs :func:`buffer_size` elements."""
+    ``buf`` needs :func:`buffer_size` elements.  16 slices for F(2x2, 3x3),
+    36 for F(4x4, 3x3) (:mod:`tinynorm.ops._winograd4`)."""
     sk = k_stride(rows, cols, buf.itemsize)
     return np.lib.stride_tricks.as_strided(
-        buf, shape=(16, rows, cols), strides=(sk * buf.itemsize, cols * buf.itemsize,
-                                              buf.itemsize))
+        buf, shape=(slices, rows, cols), strides=(sk * buf.itemsize, cols * buf.itemsize,
+                                                  buf.itemsize))
 
 
-def buffer_size(rows, cols, itemsize):
+def buffer_size(rows, cols, itemsize, slices=16):
     """Elements of a flat workspace for :func:`transform_buffer`."""
-    return 16 * k_stride(rows, cols, itemsize)
+    return slices * k_stride(rows, cols, itemsize)
 
 
 def input_transform(x, pad, v, serial=False):
@@ -442,7 +463,7 @@ def output_transform_adjoint(dy, dm, serial=False):
 
 
 def _base(view):
-    """The flat memory under a (16, rows, cols) view whose slices are C-contiguous:
+    """The flat memory under a (slices, rows, cols) view whose slices are C-contiguous:
     a 1-D array starting at view[0, 0, 0] and long enough for every slice."""
     span = (view.shape[0] - 1) * (view.strides[0] // view.itemsize) + view[0].size
     return np.lib.stride_tricks.as_strided(view, shape=(span,), strides=(view.itemsize,))

@@ -35,15 +35,18 @@ How it is computed (one selector, :func:`_path`, picks the branch):
   machine OpenBLAS's spinning idle threads make a second numba thread a loss
   unless ``OPENBLAS_THREAD_TIMEOUT`` is set low).
 * CPU, 3x3 kernel / stride 1, at least ``WINOGRAD_MIN_CHANNELS`` (16) input
-  and output channels -- Winograd F(2x2, 3x3) (:mod:`tinynorm.ops._winograd`):
-  per chunk of the batch, numba transforms of the input tiles and 16 GEMMs
-  (C_out, C) @ (C, tiles) in place of one (C_out, 9C) @ (9C, N*P), i.e. 2.25x
-  fewer multiply-adds; the backward passes are the exact transposes of the
-  same maps.  Measured on one core at batch 128: cifar10-nv conv2
-  forward + backward 714 ms against 1276 ms with im2col (compare with
-  ``experiments/bench_ops.py --no-winograd``).  It rounds differently from im2col (float32 results
-  agree with float64 to ~1e-6 of their scale, tested); ``WINOGRAD = False``
-  switches it off.
+  and output channels -- Winograd, F(4x4, 3x3) by default
+  (:mod:`tinynorm.ops._winograd4`; ``WINOGRAD_TILE = 2`` selects F(2x2, 3x3),
+  :mod:`tinynorm.ops._winograd`): per chunk of the batch, numba transforms of
+  the input tiles and S GEMMs (C_out, C) @ (C, tiles) (S = 36, or 16) in
+  place of one (C_out, 9C) @ (9C, N*P), i.e. 4x (2.25x) fewer multiply-adds;
+  the backward passes are the exact transposes of the same maps.  Measured
+  on one core at batch 128, forward + backward: cifar10-nv conv2 714 ms with
+  F(2x2) against 1276 ms with im2col; ResNet-50's 3x3 convs 0.74-0.96x of
+  their F(2x2) time with F(4x4) (``experiments/bench_conv_vs_torch.py``).
+  Both round differently from im2col: F(2x2) within a few float32 ulps of the
+  result's scale, F(4x4) within 1e-5 of it (its transforms multiply by up to
+  8; tested); ``WINOGRAD = False`` switches Winograd off.
 * CPU, 1x1 kernel / stride 1 / pad 0 -- no im2col: col is x with N and C
   swapped (a plain transpose, or a view when N == 1).  When the per-sample
   matrices are wide enough or one channel count is small
@@ -73,6 +76,7 @@ from .. import backend
 from . import _gemm
 from . import _geometry as geo
 from . import _winograd as _wg
+from . import _winograd4 as _wg4
 from ._checks import check_bias_and_backend
 
 __all__ = [
@@ -161,13 +165,16 @@ def release_workspaces():
 
 @njit(parallel=True, cache=True)
 def _cnp_to_nchw_kernel(src, bias, n_batch, n_out, plane, dst):
-    """dst[n, o, p] = src[o, n*P + p] + bias[o]   (flat arrays)."""
+    """dst[n, o, p] = src[o, n*P + p] + bias[o]   (flat arrays).
+
+    Output-channel-major (n fastest), so src is read row by row (see the
+    im2col kernel in ``_geometry`` for why that order)."""
     n_cols = n_batch * plane
-    for no in prange(n_batch * n_out):
-        n = no // n_out
-        o = no - n * n_out
+    for on in prange(n_batch * n_out):
+        o = on // n_batch
+        n = on - o * n_batch
         s = uint64(o * n_cols + n * plane)
-        d = uint64(no * plane)
+        d = uint64((n * n_out + o) * plane)
         bo = bias[o]
         for t in range(uint64(plane)):
             dst[d + t] = src[s + t] + bo
@@ -565,6 +572,9 @@ def _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx, need_dw):
 # cifar10-nv, 3 -> 128, stays on im2col).
 WINOGRAD = True
 WINOGRAD_MIN_CHANNELS = 16
+# 4: F(4x4, 3x3) (_winograd4, 36 GEMMs, 4x fewer multiply-adds than direct);
+# 2: F(2x2, 3x3) (_winograd, 16 GEMMs, 2.25x fewer, rounding as im2col's)
+WINOGRAD_TILE = 4
 
 
 def _use_winograd(x, w, kernel, stride):
@@ -572,48 +582,60 @@ def _use_winograd(x, w, kernel, stride):
             and min(x.shape[1], w.shape[0]) >= WINOGRAD_MIN_CHANNELS)
 
 
-def _tbuf(name, rows, cols, dtype):
-    """A (16, rows, cols) transform-domain workspace (see ``_winograd.transform_buffer``)."""
+def _winograd_module():
+    """The F(m x m, 3x3) implementation ``WINOGRAD_TILE`` selects."""
+    if WINOGRAD_TILE == 4:
+        return _wg4
+    if WINOGRAD_TILE == 2:
+        return _wg
+    raise ValueError(f"conv.WINOGRAD_TILE must be 2 or 4, got {WINOGRAD_TILE!r}")
+
+
+def _tbuf(wg, name, rows, cols, dtype):
+    """A (S, rows, cols) transform-domain workspace of ``wg`` (S = 16 or 36;
+    see ``_winograd.transform_buffer``)."""
     itemsize = np.dtype(dtype).itemsize
-    return _wg.transform_buffer(_workspace(name, (_wg.buffer_size(rows, cols, itemsize),),
-                                           dtype), rows, cols)
+    return wg.transform_buffer(_workspace(name, (wg.buffer_size(rows, cols, itemsize),),
+                                          dtype), rows, cols)
 
 
-def _winograd_bytes(x, w, oh, ow):
+def _winograd_bytes(wg, x, w, oh, ow):
     """Bytes per sample of the transform-domain buffers (V or M, the larger)."""
-    th, tw = _wg.tiles(oh, ow)
-    return 16 * max(x.shape[1], w.shape[0]) * th * tw * x.itemsize
+    th, tw = wg.tiles(oh, ow)
+    return wg.SLICES * max(x.shape[1], w.shape[0]) * th * tw * x.itemsize
 
 
 def _forward_winograd(x, w, b, pad, oh, ow):
-    """y = A^T [U (x) V] A per tile, chunk by chunk of the batch: 16 GEMMs
+    """y = A^T [U (x) V] A per tile, chunk by chunk of the batch: S GEMMs
     (C_out, C) @ (C, tiles) per chunk as one stacked ``numpy.matmul``."""
+    wg = _winograd_module()
     n, c = x.shape[:2]
     c_out = w.shape[0]
-    th, tw = _wg.tiles(oh, ow)
-    u = _wg.filter_transform(np.ascontiguousarray(w))          # (16, C_out, C)
+    th, tw = wg.tiles(oh, ow)
+    u = wg.filter_transform(np.ascontiguousarray(w))          # (S, C_out, C)
     y = np.empty((n, c_out, oh, ow), dtype=x.dtype)
 
     def run(chunks, serial):
         for s, e in chunks:
-            v = _wg.input_transform(x[s:e], pad, _tbuf("wg_v", c, (e - s) * th * tw, x.dtype),
-                                    serial)
-            m = _tbuf("wg_m", c_out, v.shape[2], x.dtype)
+            v = wg.input_transform(x[s:e], pad, _tbuf(wg, "wg_v", c, (e - s) * th * tw,
+                                                      x.dtype), serial)
+            m = _tbuf(wg, "wg_m", c_out, v.shape[2], x.dtype)
             np.matmul(u, v, out=m)
-            _wg.output_transform(m, e - s, oh, ow, b, y[s:e], serial)
-    _run_groups(_chunk_groups(x, w, oh, ow, _winograd_bytes(x, w, oh, ow)), run)
+            wg.output_transform(m, e - s, oh, ow, b, y[s:e], serial)
+    _run_groups(_chunk_groups(x, w, oh, ow, _winograd_bytes(wg, x, w, oh, ow)), run)
     return y
 
 
 def _backward_winograd(dy, x, w, has_bias, pad, need_dx, need_dw):
     """(dx, dw, db) as transposes of the forward's maps, chunk by chunk:
-    dM = A dY A^T;  dU += dM @ V^T (16 GEMMs);  dV = U^T @ dM;  dx = B dV B^T
+    dM = A dY A^T;  dU += dM @ V^T (S GEMMs);  dV = U^T @ dM;  dx = B dV B^T
     scattered;  dw = G^T dU G."""
+    wg = _winograd_module()
     n, c, h, v_ = x.shape
     c_out = w.shape[0]
     oh, ow = dy.shape[2], dy.shape[3]
-    th, tw = _wg.tiles(oh, ow)
-    u_t = _wg.filter_transform(np.ascontiguousarray(w)).transpose(0, 2, 1) if need_dx else None
+    th, tw = wg.tiles(oh, ow)
+    u_t = wg.filter_transform(np.ascontiguousarray(w)).transpose(0, 2, 1) if need_dx else None
     dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
 
     def run(chunks, serial):
@@ -621,29 +643,29 @@ def _backward_winograd(dy, x, w, has_bias, pad, need_dx, need_dw):
         db_sum = np.zeros(c_out, dtype=np.float64)
         for s, e in chunks:
             t = (e - s) * th * tw
-            dm, sums = _wg.output_transform_adjoint(dy[s:e], _tbuf("wg_m", c_out, t, x.dtype),
-                                                    serial)
+            dm, sums = wg.output_transform_adjoint(dy[s:e], _tbuf(wg, "wg_m", c_out, t, x.dtype),
+                                                   serial)
             db_sum += sums
             if need_dw:
-                v = _wg.input_transform(x[s:e], pad, _tbuf("wg_v", c, t, x.dtype), serial)
-                part = np.matmul(dm, v.transpose(0, 2, 1))       # (16, C_out, C)
+                v = wg.input_transform(x[s:e], pad, _tbuf(wg, "wg_v", c, t, x.dtype), serial)
+                part = np.matmul(dm, v.transpose(0, 2, 1))       # (S, C_out, C)
                 if du_sum is None:
                     du_sum = part
                 else:
                     du_sum += part
             if need_dx:
-                dv = _tbuf("wg_v", c, t, x.dtype)
+                dv = _tbuf(wg, "wg_v", c, t, x.dtype)
                 np.matmul(u_t, dm, out=dv)
-                _wg.input_transform_adjoint(dv, (e - s, c, h, v_), pad, dx[s:e], serial)
+                wg.input_transform_adjoint(dv, (e - s, c, h, v_), pad, dx[s:e], serial)
         return du_sum, db_sum
 
-    results = _run_groups(_chunk_groups(x, w, oh, ow, _winograd_bytes(x, w, oh, ow)), run)
+    results = _run_groups(_chunk_groups(x, w, oh, ow, _winograd_bytes(wg, x, w, oh, ow)), run)
     dw = db = None
     if need_dw:
         du = results[0][0]
         for part, _ in results[1:]:
             du += part
-        dw = _wg.filter_transform_adjoint(du).astype(x.dtype, copy=False)
+        dw = wg.filter_transform_adjoint(du).astype(x.dtype, copy=False)
     if has_bias:
         db = results[0][1]
         for _, part in results[1:]:

@@ -1,0 +1,144 @@
+"""Where a ResNet-50 step's convolution time goes: every conv shape, tinynorm vs PyTorch.
+
+    python experiments/bench_conv_vs_torch.py [--batch 128] [--threads 2] [--repeat 3]
+                                              [--torch-channels-last] [--only 3x3]
+
+For each distinct convolution of ResNet-50 with the CIFAR stem at 3x32x32
+(width 1 unless ``--width``), it times one forward + backward (input and
+weight gradients; no input gradient for the stem) of ``tinynorm.ops.conv2d``
+and of PyTorch's ``torch.nn.functional.conv2d`` on the same float32 arrays,
+alternately, and keeps the fastest of ``--repeat`` runs of each.  It prints
+per shape: how many times the shape occurs in the network, the path tinynorm
+takes (winograd / im2col / 1x1 stacked / 1x1 gemm), both times, the ratio,
+and the shape's share of the network's total conv time, then the totals
+weighted by occurrence.  The totals are the convolution part of
+``bench_vs_torch.py``'s ResNet-50 step; this script says which shapes make
+up the difference.
+
+Needs the optional, benchmark-only PyTorch (``pip install torch==2.13.0``
+takes a CPU build from local disk on these machines); without it, it says so
+and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench_vs_torch.py
+import tinynorm  # noqa: E402,F401  first: sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
+import numpy as np  # noqa: E402
+
+from tinynorm import backend, ops  # noqa: E402
+from tinynorm.ops import conv as conv_mod  # noqa: E402
+
+
+def resnet50_convs(width=1.0, size=32):
+    """Counter of (C_in, C_out, k, stride, pad, H) over ResNet-50 (CIFAR stem)."""
+    ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
+    shapes = Counter()
+    shapes[(3, ch(64), 3, 1, 1, size)] += 1
+    c_in, h = ch(64), size
+    for s, (n_blocks, mid) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for b in range(n_blocks):
+            stride = 2 if (b == 0 and s > 1) else 1
+            m, c_out = ch(mid), ch(mid * 4)
+            shapes[(c_in, m, 1, 1, 0, h)] += 1
+            shapes[(m, m, 3, stride, 1, h)] += 1
+            h_out = (h + 2 - 3) // stride + 1
+            shapes[(m, c_out, 1, 1, 0, h_out)] += 1
+            if stride != 1 or c_in != c_out:
+                shapes[(c_in, c_out, 1, stride, 0, h)] += 1
+            c_in, h = c_out, h_out
+    return shapes
+
+
+def tinynorm_path(x, w, k, stride, pad, h):
+    if conv_mod._use_winograd(x, w, (k, k), (stride, stride)):
+        return "winograd"
+    if conv_mod._is_pointwise((k, k), (stride, stride), (pad, pad)):
+        return ("1x1 stacked" if conv_mod._use_stacked(x.shape[1], w.shape[0], h * h)
+                else "1x1 gemm")
+    return "im2col"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--torch-channels-last", action="store_true")
+    p.add_argument("--only", default="", help="substring of the shape label, e.g. 3x3")
+    args = p.parse_args()
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        print("PyTorch is not installed: `pip install torch==2.13.0` (benchmark-only).")
+        return 0
+    backend.tune_allocator()
+    torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(args.threads)
+    import numba
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
+    print(f"batch {args.batch}, width {args.width}, {args.threads} threads, torch "
+          f"{torch.__version__} {'channels-last' if args.torch_channels_last else 'NCHW'}, "
+          f"best of {args.repeat}")
+    rng = np.random.default_rng(0)
+    rows = []
+    for (ci, co, k, s, pad, h), count in resnet50_convs(args.width).items():
+        label = f"{ci}->{co} {k}x{k}/{s} @{h}"
+        if args.only and args.only not in label:
+            continue
+        x = rng.standard_normal((args.batch, ci, h, h)).astype(np.float32)
+        w = (rng.standard_normal((co, ci, k, k)) / np.sqrt(ci * k * k)).astype(np.float32)
+        first = ci == 3
+        y, _ = ops.conv2d_forward(x, w, None, s, pad)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+
+        def tn():
+            _, cache = ops.conv2d_forward(x, w, None, s, pad)
+            if first:
+                ops.conv2d_backward_filter(dy, cache)
+            else:
+                ops.conv2d_backward(dy, cache)
+
+        tx = torch.from_numpy(x).contiguous(memory_format=fmt).requires_grad_(not first)
+        tw = torch.from_numpy(w).contiguous(memory_format=fmt).requires_grad_(True)
+        tdy = torch.from_numpy(dy).contiguous(memory_format=fmt)
+
+        def th():
+            tx.grad = tw.grad = None
+            F.conv2d(tx, tw, None, s, pad).backward(tdy)
+
+        tn(), th()     # warm-up: numba compilation, workspaces, oneDNN primitives
+        t_tn, t_th = [], []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter(); tn(); t_tn.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); th(); t_th.append(time.perf_counter() - t0)
+        rows.append((label, count, tinynorm_path(x, w, k, s, pad, h), min(t_tn), min(t_th)))
+        print(f"  {label:<24} x{count:<2} {rows[-1][2]:<12} tinynorm {1e3 * min(t_tn):8.1f} ms"
+              f"  torch {1e3 * min(t_th):8.1f} ms  ratio {min(t_tn) / min(t_th):5.2f}",
+              flush=True)
+    tot_tn = sum(c * a for _, c, _, a, _ in rows)
+    tot_th = sum(c * b for _, c, _, _, b in rows)
+    print("\nshape                    count path         tinynorm ms  torch ms  ratio  "
+          "share of tinynorm  excess ms")
+    for label, c, path, a, b in sorted(rows, key=lambda r: -r[1] * (r[3] - r[4])):
+        print(f"{label:<24} {c:>5} {path:<12} {1e3 * c * a:11.1f} {1e3 * c * b:9.1f} "
+              f"{a / b:6.2f} {100 * c * a / tot_tn:12.1f}% {1e3 * c * (a - b):14.1f}")
+    print(f"{'all convs, weighted':<24} {'':>5} {'':<12} {1e3 * tot_tn:11.1f} "
+          f"{1e3 * tot_th:9.1f} {tot_tn / tot_th:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
