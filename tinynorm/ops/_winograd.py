@@ -102,6 +102,21 @@ def filter_transform_adjoint(du):
 # the pixels feed only outputs that are dropped.
 # ----------------------------------------------------------------------------
 
+@njit(cache=True, inline="always")
+def _crop(pad, ph, pw, h, w, dx, base):
+    """dx[base + iy*w + ix] = pad[iy + ph, ix + pw] for the h x w plane at
+    ``base`` of the flat dx; 0 where that lies past the scratch ``pad``."""
+    sh, sw = pad.shape
+    for iy in range(h):
+        py = iy + ph
+        for ix in range(w):
+            px = ix + pw
+            if py < sh and px < sw:
+                dx[base + iy * w + ix] = pad[py, px]
+            else:
+                dx[base + iy * w + ix] = 0
+
+
 @njit(parallel=True, cache=True)
 def _input_kernel(x, n_batch, n_chan, h, w, ph, pw, th, tw, stride_k, v):
     """v[k, c, (n*th + ty)*tw + tx] = (B^T d B)[k] for plane (n, c) of x (flat arrays)."""
@@ -241,14 +256,7 @@ def _input_adjoint_kernel(dv, n_batch, n_chan, h, w, ph, pw, th, tw, stride_k, d
                 r3[j + 2] -= z2
                 r3[j + 3] -= z3
         base = (n * n_chan + c) * h * w
-        for iy in range(h):
-            py = iy + ph
-            for ix in range(w):
-                px = ix + pw
-                if py < sh and px < sw:
-                    dx[base + iy * w + ix] = pad[py, px]
-                else:
-                    dx[base + iy * w + ix] = 0
+        _crop(pad, ph, pw, h, w, dx, base)
 
 
 # ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._winograd import (_base, _run, buffer_size as _buffer_size, k_stride,
+from ._winograd import (_base, _crop, _run, buffer_size as _buffer_size, k_stride,
                         kron_filter_transform, kron_filter_transform_adjoint)
 from ._winograd import transform_buffer as _transform_buffer
 
@@ -226,14 +226,7 @@ def _input_adjoint_kernel(dv, n_batch, n_chan, h, w, ph, pw, th, tw, sk, dx, n_b
                 pad[r + 4, j] += d4
                 pad[r + 5, j] += d5
         base = (n * n_chan + c) * h * w
-        for iy in range(h):
-            py = iy + ph
-            for ix in range(w):
-                px = ix + pw
-                if py < sh and px < sw:
-                    dx[base + iy * w + ix] = pad[py, px]
-                else:
-                    dx[base + iy * w + ix] = 0
+        _crop(pad, ph, pw, h, w, dx, base)
 
 
 # ----------------------------------------------------------------------------
