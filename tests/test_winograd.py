@@ -168,7 +168,7 @@ def test_threaded_pipeline_and_kernels_agree(rng, monkeypatch, parallel):
     monkeypatch.setattr(geo, "PARALLEL", parallel)
     monkeypatch.setattr(geo, "PARALLEL_MIN_WORK", 0)
     if not parallel:
-        monkeypatch.setattr(conv_mod, "COL_CHUNK_BYTES", 1)       # one sample per chunk
+        monkeypatch.setattr(conv_mod, "WINOGRAD_CHUNK_BYTES", 1)  # one sample per chunk
         monkeypatch.setattr(_gemm, "threads_for", lambda *a, **k: 2)
     y1, c1 = conv2d_forward(x, w, b, 1, 1)
     np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-12)
