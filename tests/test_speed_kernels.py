@@ -180,3 +180,19 @@ def test_small_products_on_one_blas_thread(monkeypatch, rng):
         assert rel_error(_gemm.matmul_nt_sum(a, b.T.copy()), _naive_matmul(a, b)) < 1e-14
         monkeypatch.undo()
         assert seen == [1, 1] and _gemm.blas_threads() == 2
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_import_sets_passive_openmp_waiting_unless_the_user_chose(preset, expected):
+    """``import tinynorm`` makes idle OpenMP workers sleep (numba's threading
+    layer; see tinynorm/__init__.py), but never overrides the user's setting."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c",
+                          "import os, tinynorm; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
