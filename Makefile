@@ -20,3 +20,4 @@ bench:
 	python experiments/bench_ops.py
 	python experiments/bench_bn.py --keep-freed-memory
 	python experiments/bench_vs_torch.py
+	python experiments/bench_conv_vs_torch.py --torch-channels-last

@@ -8,8 +8,8 @@ plain float32 ``numpy.matmul`` of the same GEMM shape (M x K @ K x N, both
 operands C-contiguous, preallocated output) measured in the same run, and the
 ratio conv / matmul.  The conv times include everything the op does (im2col,
 layout changes, bias, col2im, output allocation); the target is ratio >= 0.7.
-The 3x3 / stride-1 layers (conv2-conv7) run the Winograd F(2x2, 3x3) path,
-which does 2.25x fewer multiply-adds than the direct count used for GF/s: their
+The 3x3 / stride-1 layers (conv2-conv7) run the Winograd F(4x4, 3x3) path,
+which does 4x fewer multiply-adds than the direct count used for GF/s: their
 "conv GF/s" is an effective rate and can exceed the matmul's (ratio > 1).
 ``--no-winograd`` times the im2col path for every layer.
 

@@ -71,9 +71,15 @@ def plot_output_norms(logs: dict, out, title=""):
         norms = read_log(path)["norms"]
         if not len(norms.get("iteration", [])):
             continue
+        log = read_log(path)
+        label = LABELS.get(name, name)
+        if log["status"] == "diverged":
+            label += f" (diverged @ it {log['diverged_at']})"
+        # a run that diverged at once has a single record: draw it as a point
+        marker = "o" if len(norms["iteration"]) < 3 else None
         for ax, role in zip(axes, ("first", "last")):
-            ax.plot(norms["iteration"], norms[role], label=LABELS.get(name, name),
-                    color=COLORS.get(name))
+            ax.plot(norms["iteration"], norms[role], label=label, color=COLORS.get(name),
+                    marker=marker)
     for ax, role in zip(axes, ("first layer (stem)", "last residual block")):
         ax.set(xlabel="iteration", ylabel="||output||_2 over the batch", yscale="log",
                title=f"output norm, {role}")
