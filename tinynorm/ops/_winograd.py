@@ -1,7 +1,9 @@
 """Winograd F(2x2, 3x3): the 3x3 / stride-1 convolution with 2.25x fewer
 multiplications (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2016).  The CPU path of :mod:`tinynorm.ops.conv` uses it for
-every 3x3 / stride-1 conv with enough channels (see ``conv._use_winograd``).
+every 3x3 / stride-1 conv with enough channels (see ``conv._use_winograd``)
+when ``conv.WINOGRAD_TILE = 2``; the default is F(4x4, 3x3)
+(:mod:`tinynorm.ops._winograd4`), which builds on the scheme described here.
 
 The output is cut into 2x2 tiles; tile ``t = (n, ty, tx)`` reads the 4x4 input
 patch ``d`` at rows ``2*ty - ph ..``, columns ``2*tx - pw ..`` of the zero-padded

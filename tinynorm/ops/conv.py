@@ -453,7 +453,7 @@ def _col_bytes(x, w, oh, ow):
 def _chunk_groups(x, w, oh, ow, bytes_per_sample=None, cap=None):
     """The chunks of the batch, grouped per thread: [[(start, stop), ...], ...].
     Chunks hold at most ``cap`` (default COL_CHUNK_BYTES) of ``bytes_per_sample``
-    (default: im2col's)."""
+    (default: :func:`_col_bytes`)."""
     n = x.shape[0]
     flops = n * oh * ow * w.size
     if bytes_per_sample is None:
@@ -589,7 +589,7 @@ def _backward_cpu(dy, x, w, has_bias, kernel, stride, pad, need_dx, need_dw):
 WINOGRAD = True
 WINOGRAD_MIN_CHANNELS = 16
 # 4: F(4x4, 3x3) (_winograd4, 36 GEMMs, 4x fewer multiply-adds than direct);
-# 2: F(2x2, 3x3) (_winograd, 16 GEMMs, 2.25x fewer, rounding as im2col's)
+# 2: F(2x2, 3x3) (_winograd, 16 GEMMs, 2.25x fewer, within a few ulps of im2col)
 WINOGRAD_TILE = 4
 
 
