@@ -438,7 +438,7 @@ def _batch_chunks(n, bytes_per_sample, min_count=1, cap=None):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _col_bytes(x, w, oh, ow):
+def _chunk_bytes(x, w, oh, ow):
     """Bytes per sample that a chunk's workspaces are sized by: the larger of
     the im2col buffer (K = C*kh*kw rows of OH*OW columns) and the GEMM-output
     and dY buffers together (C_out rows each).  Counting only im2col let a
@@ -453,11 +453,11 @@ def _col_bytes(x, w, oh, ow):
 def _chunk_groups(x, w, oh, ow, bytes_per_sample=None, cap=None):
     """The chunks of the batch, grouped per thread: [[(start, stop), ...], ...].
     Chunks hold at most ``cap`` (default COL_CHUNK_BYTES) of ``bytes_per_sample``
-    (default: :func:`_col_bytes`)."""
+    (default: :func:`_chunk_bytes`)."""
     n = x.shape[0]
     flops = n * oh * ow * w.size
     if bytes_per_sample is None:
-        bytes_per_sample = _col_bytes(x, w, oh, ow)
+        bytes_per_sample = _chunk_bytes(x, w, oh, ow)
     threads = _gemm.threads_for(x, w, flops=flops)
     if threads == 1 or n < threads:
         return [_batch_chunks(n, bytes_per_sample, cap=cap)]
