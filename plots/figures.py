@@ -13,9 +13,7 @@ import numpy as np  # noqa: E402
 
 from tinynorm.train import read_log  # noqa: E402
 
-LABELS = {"none": "no norm", "bn": "BN", "wn": "WN", "normprop": "NormProp", "trelu": "TReLU WN"}
-COLORS = {"none": "tab:gray", "bn": "tab:blue", "wn": "tab:orange", "normprop": "tab:green",
-          "trelu": "tab:red"}
+from tinynorm.norms import color_of, label_of  # noqa: E402
 
 
 def _smooth(y, n):
@@ -39,10 +37,10 @@ def plot_training_curves(logs: dict, out, title=""):
     for name, path in logs.items():
         log = read_log(path)
         it, ep = log["iter"], log["epoch"]
-        label = LABELS.get(name, name)
+        label = label_of(name)
         if log["status"] == "diverged":
             label += f" (diverged @ it {log['diverged_at']})"
-        color = COLORS.get(name)
+        color = color_of(name)
         n = max(1, len(it.get("loss", [])) // 100)
         if len(it.get("loss", [])):
             x = np.asarray(it["iteration"])[n - 1:] if n > 1 else it["iteration"]
@@ -72,13 +70,13 @@ def plot_output_norms(logs: dict, out, title=""):
         if not len(norms.get("iteration", [])):
             continue
         log = read_log(path)
-        label = LABELS.get(name, name)
+        label = label_of(name)
         if log["status"] == "diverged":
             label += f" (diverged @ it {log['diverged_at']})"
         # a run that diverged at once has a single record: draw it as a point
         marker = "o" if len(norms["iteration"]) < 3 else None
         for ax, role in zip(axes, ("first", "last")):
-            ax.plot(norms["iteration"], norms[role], label=label, color=COLORS.get(name),
+            ax.plot(norms["iteration"], norms[role], label=label, color=color_of(name),
                     marker=marker)
     for ax, role in zip(axes, ("first layer (stem)", "last residual block")):
         ax.set(xlabel="iteration", ylabel="||output||_2 over the batch", yscale="log",
@@ -115,14 +113,14 @@ def plot_divergence(logs: dict, out, title=""):
         lrs = np.array([r[1] for r in sel])
         div = np.array([r[2] if r[2] is not None else np.nan for r in sel], float)
         budget = np.array([r[3] for r in sel], float)
-        color = COLORS.get(norm)
+        color = color_of(norm)
         # distinct markers and sizes: WN and no-norm often coincide exactly
         marker, size = {"wn": ("o", 10), "bn": ("^", 7), "none": ("s", 5)}[norm]
         ax.plot(lrs, np.where(np.isnan(div), budget, div), "-", color=color, alpha=0.4)
         ax.plot(lrs[~np.isnan(div)], div[~np.isnan(div)], marker, ms=size, color=color,
-                label=f"{LABELS[norm]}: diverged")
+                label=f"{label_of(norm)}: diverged")
         ax.plot(lrs[np.isnan(div)], budget[np.isnan(div)], marker, ms=size, mfc="none",
-                color=color, label=f"{LABELS[norm]}: did not diverge (budget)")
+                color=color, label=f"{label_of(norm)}: did not diverge (budget)")
         for r in sel:
             lines.append(f"{r[0]:<6}{r[1]:>10.1e}{str(r[2]) if r[2] is not None else '-':>14}"
                          f"{r[3]:>11}{r[4]:>12.4g}")
@@ -137,7 +135,6 @@ def plot_divergence(logs: dict, out, title=""):
 
 def plot_time_share(results: dict, out):
     """Figure 1: stacked shares per layer type, with the paper's BN share marked."""
-    from tinynorm.profile import CATEGORIES
     names = list(results)
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.9 * (len(names) + 1)))
     colors = {"convolution": "tab:blue", "batch norm": "tab:red", "relu": "tab:green",
@@ -146,9 +143,10 @@ def plot_time_share(results: dict, out):
     for i, name in enumerate(names):
         res = results[name]
         left = 0.0
-        for cat in CATEGORIES:
-            share = 100 * res["by_category"][cat] / res["total"]
-            ax.barh(i, share, left=left, color=colors[cat], label=cat if i == 0 else None)
+        for cat, t in res["by_category"].items():
+            share = 100 * t / res["total"]
+            ax.barh(i, share, left=left, color=colors.get(cat, "tab:olive"),
+                    label=cat if i == 0 else None)
             if share > 4:
                 ax.text(left + share / 2, i, f"{share:.0f}%", ha="center", va="center",
                         color="white", fontsize=8)
@@ -160,4 +158,181 @@ def plot_time_share(results: dict, out):
            title="Where a training step's time goes (this CPU vs the paper's GPU)")
     ax.invert_yaxis()
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    _save(fig, out)
+
+
+# -- signal propagation and coherence (tinynorm.diagnostics; beyond the paper) ---------
+
+def main_path(names, kinds):
+    """Indices of the outputs along a network's main path: the first unit, then
+    every residual block's output (ResNet); every unit where there are no blocks."""
+    blocks = [i for i, k in enumerate(kinds) if k == "block"]
+    return ([0] + blocks) if blocks else list(range(len(names)))
+
+
+def _signal_rows(log):
+    sig = log["signal"]
+    if not len(sig.get("iteration", [])):
+        return None
+    names = sig.get("names", [])
+    return sig, main_path(names, sig.get("kinds", ["unit"] * len(names)))
+
+
+def _loss_at(log, it, window=10):
+    its, loss = np.asarray(log["iter"].get("iteration", [])), np.asarray(log["iter"].get("loss", []))
+    sel = (its > it - window) & (its <= it)
+    if not sel.any() or its.max() < it:
+        return np.nan
+    return float(np.mean(loss[sel]))
+
+
+def ablation_rows(logs: dict):
+    """One dict per run: initial loss, RMS at init (first, middle, last output on
+    the main path), loss at iterations 99 and 299 (10-iteration means), diverged_at."""
+    rows = []
+    for name, path in logs.items():
+        log = read_log(path)
+        row = dict(name=name, status=log["status"],
+                   diverged_at=log["diverged_at"] if log["status"] == "diverged" else None,
+                   loss0=float(log["iter"]["loss"][0]) if len(log["iter"].get("loss", [])) else np.nan,
+                   loss100=_loss_at(log, 99), loss300=_loss_at(log, 299),
+                   rms=(np.nan, np.nan, np.nan))
+        sr = _signal_rows(log)
+        if sr:
+            sig, path_idx = sr
+            rms0 = np.asarray(sig["rms"])[0][path_idx]
+            row["rms"] = (rms0[0], rms0[len(rms0) // 2], rms0[-1])
+        ep = log["epoch"]
+        row["test_top1"] = float(ep["test_top1"][-1]) if len(ep.get("test_top1", [])) else np.nan
+        rows.append(row)
+    return rows
+
+
+def ablation_table(logs: dict) -> str:
+    """A Markdown table of :func:`ablation_rows`."""
+    lines = ["| run | initial loss | RMS at init: first / middle / last | loss @100 | loss @300 "
+             "| test top-1 @300 | diverged at |", "|---|---|---|---|---|---|---|"]
+    for r in ablation_rows(logs):
+        rms = " / ".join(f"{v:.3g}" for v in r["rms"])
+        f = lambda v: "--" if not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+        top1 = "--" if not np.isfinite(r["test_top1"]) else f"{r['test_top1']:.1f}%"
+        div = "no" if r["diverged_at"] is None else str(r["diverged_at"])
+        lines.append(f"| {r['name']} | {f(r['loss0'])} | {rms} | {f(r['loss100'])} | "
+                     f"{f(r['loss300'])} | {top1} | {div} |")
+    return "\n".join(lines)
+
+
+def _network_groups(logs):
+    groups = {}
+    for name, path in logs.items():
+        net, _, variant = name.partition("_")
+        groups.setdefault(net, {})[variant] = path
+    return groups
+
+
+_NETS = {"nv": "cifar10-nv", "resnet": "ResNet-50"}
+
+
+def plot_ablation(logs: dict, out, title=""):
+    """Per network (row): RMS along the main path at initialization, and the
+    training loss over the iterations, one line per variant."""
+    groups = _network_groups(logs)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.2 * len(groups)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for row, (net, runs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0] != "nv")):
+        ax_rms, ax_loss = axes[row]
+        for i, (variant, path) in enumerate(runs.items()):
+            log = read_log(path)
+            color = cmap(i % 10)
+            label = variant + (f" (diverged @ {log['diverged_at']})"
+                               if log["status"] == "diverged" else "")
+            sr = _signal_rows(log)
+            if sr:
+                sig, idx = sr
+                ax_rms.plot(range(len(idx)), np.asarray(sig["rms"])[0][idx], "o-", ms=3,
+                            color=color, label=label)
+            it, loss = log["iter"].get("iteration", []), log["iter"].get("loss", [])
+            if len(loss):
+                n = 10 if len(loss) >= 30 else 1
+                ax_loss.plot(np.asarray(it)[n - 1:], _smooth(loss, n), color=color, label=label)
+        ax_rms.set(yscale="log", xlabel="depth (first unit, then each residual block)"
+                   if net == "resnet" else "depth (conv unit)",
+                   ylabel="RMS of the output at initialization",
+                   title=f"{_NETS.get(net, net)}: signal at initialization")
+        ax_loss.axhline(np.log(10), color="k", ls=":", lw=1, label="ln 10 (chance)")
+        ax_loss.set(yscale="log", xlabel="iteration", ylabel="training loss (10-it. mean)",
+                    title=f"{_NETS.get(net, net)}: training loss")
+        for ax in (ax_rms, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, out)
+
+
+# the ablation's variant that runs each norm with today's defaults
+DEFAULT_VARIANTS = {"none": "none_caffe", "wn": "wn_caffe_g1", "normprop": "normprop_s1.21",
+                    "trelu": "trelu_res1"}
+
+
+def plot_signal_by_depth(logs: dict, out, title="", variants=DEFAULT_VARIANTS):
+    """RMS along the main path at initialization (dashed) and at the last record
+    (solid), one line per norm (its default variant), one panel per network."""
+    groups = _network_groups(logs)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.3), squeeze=False)
+    for ax, (net, runs) in zip(axes[0], sorted(groups.items(), key=lambda kv: kv[0] != "nv")):
+        for norm, variant in variants.items():
+            if variant not in runs:
+                continue
+            log = read_log(runs[variant])
+            sr = _signal_rows(log)
+            if not sr:
+                continue
+            sig, idx = sr
+            rms = np.asarray(sig["rms"])
+            last_it = int(sig["iteration"][-1])
+            ax.plot(range(len(idx)), rms[0][idx], "--", color=color_of(norm),
+                    label=f"{label_of(norm)}, iteration 0")
+            if len(rms) > 1:
+                ax.plot(range(len(idx)), rms[-1][idx], "-", color=color_of(norm),
+                        label=f"{label_of(norm)}, iteration {last_it}")
+        ax.axhline(1.0, color="k", ls=":", lw=1)
+        ax.set(yscale="log", xlabel="depth (first unit, then each residual block)"
+               if net == "resnet" else "depth (conv unit)", ylabel="RMS of the output",
+               title=_NETS.get(net, net))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, out)
+
+
+def plot_coherence(logs: dict, out, title="", max_iters=None):
+    """The paper's footnote-2 coherence over training: per run, the median and
+    the maximum over layers of max_{i!=j} |cos(w_i, w_j)|."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    cmap = plt.get_cmap("tab10")
+    drawn = 0
+    for i, (name, path) in enumerate(logs.items()):
+        log = read_log(path)
+        coh = log.get("coherence", {})
+        if not len(coh.get("iteration", [])):
+            continue
+        its = np.asarray(coh["iteration"])
+        vals = np.atleast_2d(np.asarray(coh["value"], float))
+        if max_iters is not None:
+            keep = its <= max_iters
+            its, vals = its[keep], vals[keep]
+        label = label_of(name) + (f" (diverged @ {log['diverged_at']})"
+                                  if log["status"] == "diverged" else "")
+        color = color_of(name) or cmap(i % 10)
+        marker = "o" if len(its) < 3 else None
+        axes[0].plot(its, np.nanmedian(vals, axis=1), color=color, label=label, marker=marker)
+        axes[1].plot(its, np.nanmax(vals, axis=1), color=color, label=label, marker=marker)
+        drawn += 1
+    for ax, what in zip(axes, ("median over layers", "maximum over layers")):
+        ax.set(xlabel="iteration", ylabel="coherence max_{i!=j} |cos(w_i, w_j)|",
+               title=f"weight coherence, {what}", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
     _save(fig, out)

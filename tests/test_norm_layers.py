@@ -230,16 +230,39 @@ def test_batch_norm_chunk_must_divide_batch(rng):
 
 # -- weight normalization ------------------------------------------------------------
 
-def test_wn_layers_start_at_the_xavier_weights():
+def test_wn_layers_g_init_norm_starts_at_the_init_weights():
     from tinynorm.nn.init import initialize
-    layer = norm.WNConv2d(3, 5, 3, rng=np.random.default_rng(7))
-    v = initialize("xavier", (5, 3, 3, 3), np.random.default_rng(7), np.float32)
+    layer = norm.WNConv2d(3, 5, 3, g_init="norm", rng=np.random.default_rng(7))
+    v = initialize("caffe_xavier", (5, 3, 3, 3), np.random.default_rng(7), np.float32)
     np.testing.assert_array_equal(layer.params["v"], v)
     from tinynorm import ops
     w, _ = ops.weight_norm_forward(layer.params["v"], layer.params["g"], layer.eps)
     np.testing.assert_allclose(w, v, rtol=1e-6)
     np.testing.assert_array_equal(layer.params["b"], 0)
     assert "v" in layer.decay_keys and not {"g", "b"} & set(layer.decay_keys)
+
+
+@pytest.mark.parametrize("cls,args", [(norm.WNConv2d, (3, 5, 3)), (norm.WNLinear, (7, 5))])
+def test_wn_layers_default_to_unit_norm_filters(cls, args):
+    # the paper's gamma starts at 1 like BN's: every effective filter has norm 1
+    layer = cls(*args, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(layer.params["g"], 1.0)
+    from tinynorm import ops
+    w, _ = ops.weight_norm_forward(layer.params["v"], layer.params["g"], layer.eps)
+    norms = np.sqrt((w.astype(np.float64) ** 2).reshape(len(w), -1).sum(axis=1))
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+
+
+def test_wn_norm_scale_divides_the_filters():
+    layer = norm.WNConv2d(3, 4, 3, norm_scale=1.21, rng=np.random.default_rng(3),
+                          dtype=np.float64)
+    plain = norm.WNConv2d(3, 4, 3, rng=np.random.default_rng(3), dtype=np.float64)
+    x = np.random.default_rng(4).standard_normal((2, 3, 6, 6))
+    np.testing.assert_allclose(layer.forward(x), plain.forward(x) / 1.21, rtol=1e-12)
+    with pytest.raises(ValueError, match="norm_scale must be > 0"):
+        norm.WNConv2d(3, 4, 3, norm_scale=0.0)
+    with pytest.raises(ValueError, match="unknown g_init"):
+        norm.WNConv2d(3, 4, 3, g_init="ones")
 
 
 def test_normprop_and_trelu_conv_parameters():

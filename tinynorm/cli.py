@@ -4,6 +4,8 @@
     tinynorm train [--config F] ...    train one configuration (flags override the file)
     tinynorm eval RUN_DIR              evaluate a run's checkpoint on the test set
     tinynorm profile --model M ...     time per layer type of a training step (Figure 1)
+    tinynorm signal [RUN_DIR] ...      RMS/mean of every unit's output on a real batch,
+                                       and every layer's weight coherence
 """
 from __future__ import annotations
 
@@ -18,10 +20,33 @@ def _cmd_gradcheck(args) -> int:
     return selfcheck.main(rtol=args.rtol)
 
 
+def _residual_scale(text):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _norm_help():
+    from .norms import norm_names
+    return " | ".join(norm_names()) + " (tinynorm.norms registry)"
+
+
 # flag name -> (config key, type, help)
 TRAIN_FLAGS = {
     "--model": ("model", str, "cifar10_nv | resnet50 | deep_linear"),
-    "--norm": ("norm", str, "none | bn | wn | normprop | trelu"),
+    "--norm": ("norm", str, None),   # help from the registry, when the parser is built
+    "--init": ("init", str, "weight init: caffe_xavier (Caffe's filler, default) | glorot | he"),
+    "--wn-g-init": ("wn_g_init", str, "WN gains start at 1 (one, default) or at ||v|| (norm)"),
+    "--normprop-scale": ("normprop_scale", float,
+                         "NormProp divides by this times ||W|| (1.21; 1.0: the seed paper)"),
+    "--residual-scale": ("residual_scale", _residual_scale,
+                         "ResNet residual sum scale: auto (the norm's own) or a number"),
     "--dataset": ("dataset", str, "fashion-mnist | cifar10 | imagenet"),
     "--data-root": ("data_root", str, "directory holding the data set files"),
     "--width": ("width", float, "channel multiplier"),
@@ -45,6 +70,8 @@ TRAIN_FLAGS = {
     "--min-std": ("min_std", float, "floor of the per-pixel std in the input normalizer"),
     "--diverge-loss": ("diverge_loss", float, "loss above which the run counts as diverged"),
     "--track-norms-every": ("track_norms_every", int, "record output norms every k iterations"),
+    "--track-signal-every": ("track_signal_every", int,
+                             "record unit output RMS/mean and weight coherence every k iterations"),
     "--eval-every": ("eval_every", int, "evaluate every k epochs"),
     "--out": ("out", str, "run directory (log.h5, checkpoint.h5)"),
 }
@@ -116,7 +143,10 @@ def _cmd_profile(args) -> int:
     c, h, w = (int(v) for v in args.input.split("x"))
     model = build_model(args.model, args.norm, in_channels=c, num_classes=args.classes,
                         width=args.width, stem=args.stem, bn_chunk=args.bn_chunk,
-                        in_features=c * h * w)
+                        in_features=c * h * w,
+                        opts=dict(init=args.init, wn_g_init=args.wn_g_init,
+                                  normprop_scale=args.normprop_scale,
+                                  residual_scale=args.residual_scale))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch_size, c, h, w)).astype(np.float32)
     y = rng.integers(0, args.classes, args.batch_size)
@@ -127,6 +157,48 @@ def _cmd_profile(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(vars(args), func=None, **result), indent=1))
+    return 0
+
+
+def _cmd_signal(args) -> int:
+    import json
+
+    from .diagnostics import format_signal, measure_signal, weight_coherences
+    from .train import Trainer, make_config, read_log
+    overrides = {key: getattr(args, key) for key, _, _ in TRAIN_FLAGS.values()
+                 if getattr(args, key, None) is not None}
+    if args.run:
+        run = Path(args.run)
+        ckpt = run / "checkpoint.h5" if run.is_dir() else run
+        cfg = dict(read_log(ckpt.parent / "log.h5")["config"], out=str(ckpt.parent),
+                   progress=False)
+    else:
+        try:
+            cfg = make_config(dict(overrides, progress=False))
+        except KeyError as e:
+            raise SystemExit(f"tinynorm: {e.args[0]}") from None
+    trainer = Trainer(cfg)
+    where = "fresh model (initialization)"
+    if args.run:
+        trainer.load_checkpoint(ckpt)
+        where = f"{ckpt} (iteration {trainer.opt.iteration})"
+    x, _ = trainer.data.train_batch(0, 0)
+    result = measure_signal(trainer.model, x)
+    names, values = weight_coherences(trainer.model)
+    print(f"{cfg['model']} norm={cfg['norm']} width={cfg['width']} init={cfg['init']} "
+          f"wn_g_init={cfg['wn_g_init']} normprop_scale={cfg['normprop_scale']} "
+          f"residual_scale={cfg['residual_scale']}; {where}; batch of {len(x)} "
+          f"{cfg['dataset']} training images, train mode")
+    print(format_signal(result))
+    finite = [v for v in values if v == v]
+    if finite:
+        print(f"weight coherence over {len(values)} layers: min {min(finite):.3f}, "
+              f"median {sorted(finite)[len(finite) // 2]:.3f}, max {max(finite):.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"config": cfg, "where": where, "signal": result,
+             "coherence": {"name": names, "value": values}}, indent=1))
     return 0
 
 
@@ -142,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration")
     p.add_argument("--config", help="TOML file with the run's keys (flags override it)")
     for flag, (key, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+        p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
     p.add_argument("--no-augment", action="store_true", help="no random crop/flip")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ddi", action="store_true", help="WN data-dependent init")
@@ -163,14 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--input", default="3x32x32", help="CxHxW")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--init", default="caffe_xavier")
+    p.add_argument("--wn-g-init", dest="wn_g_init", default="one")
+    p.add_argument("--normprop-scale", dest="normprop_scale", type=float, default=1.21)
+    p.add_argument("--residual-scale", dest="residual_scale", type=_residual_scale,
+                   default="auto")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("signal", help="RMS and mean of every conv unit's and residual "
+                                      "block's output on a real batch; weight coherence")
+    p.add_argument("run", nargs="?", help="a run directory (or its checkpoint.h5); "
+                                          "default: a fresh model from the flags")
+    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.set_defaults(func=_cmd_signal)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "eval", "profile"):
+    if args.command in ("train", "eval", "profile", "signal"):
         from .backend import tune_allocator
         tune_allocator()   # keep freed activations in the heap: no page faults per step
     return args.func(args)

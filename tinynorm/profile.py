@@ -15,20 +15,34 @@ import numpy as np
 from . import backend, ops
 from .optim import SGD, LRSchedule
 
-__all__ = ["CATEGORIES", "category_of", "profile_step"]
+__all__ = ["CATEGORIES", "categories", "category_of", "profile_step", "format_profile"]
 
 CATEGORIES = ("convolution", "batch norm", "relu", "pooling", "other")
 
-_BY_CLASS = {
-    "Conv2d": "convolution", "WNConv2d": "convolution",
-    "BatchNorm": "batch norm",
-    "ReLU": "relu", "NormPropReLU": "relu", "TReLU": "relu",
+# layer classes every model shares; each normalization's registry entry adds its
+# own (tinynorm.norms.Norm.profile_categories)
+_BASE_CLASSES = {
+    "Conv2d": "convolution", "ReLU": "relu",
     "MaxPool2d": "pooling", "AvgPool2d": "pooling", "GlobalAvgPool2d": "pooling",
 }
 
 
+def _class_categories() -> dict:
+    from .norms import NORM_REGISTRY
+    table = dict(_BASE_CLASSES)
+    for entry in NORM_REGISTRY.values():
+        table.update(entry.profile_categories)
+    return table
+
+
+def categories() -> tuple:
+    """CATEGORIES, then any further category a registered norm names, before "other"."""
+    extra = [c for c in dict.fromkeys(_class_categories().values()) if c not in CATEGORIES]
+    return CATEGORIES[:-1] + tuple(extra) + ("other",)
+
+
 def category_of(layer) -> str:
-    return _BY_CLASS.get(type(layer).__name__, "other")
+    return _class_categories().get(type(layer).__name__, "other")
 
 
 def _leaves(model):
@@ -88,13 +102,14 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3, tune_allocator=True):
         for layer, method in originals:
             delattr(layer, method)   # back to the class method
     by_class = {k: v / steps for k, v in timings.items()}
-    by_category = {c: 0.0 for c in CATEGORIES}
+    table, cats = _class_categories(), categories()
+    by_category = {c: 0.0 for c in cats}
     for cls, t in by_class.items():
-        by_category[_BY_CLASS.get(cls, "other")] += t
+        by_category[table.get(cls, "other")] += t
     by_category["other"] += max(total - sum(by_class.values()), 0.0)
-    by_pass = {c: {"forward": 0.0, "backward": 0.0} for c in CATEGORIES}
+    by_pass = {c: {"forward": 0.0, "backward": 0.0} for c in cats}
     for (cls, method), t in pass_timings.items():
-        by_pass[_BY_CLASS.get(cls, "other")][method] += t / steps
+        by_pass[table.get(cls, "other")][method] += t / steps
     return {"total": total, "by_category": by_category, "by_class": by_class,
             "by_pass": by_pass}
 
@@ -104,7 +119,7 @@ def format_profile(result) -> str:
     by_pass = result.get("by_pass")
     head = f"{'layer type':<14}{'ms/step':>10}{'share':>9}"
     lines = [head + (f"{'forward':>10}{'backward':>10}" if by_pass else "")]
-    for cat in CATEGORIES:
+    for cat in result["by_category"]:
         t = result["by_category"][cat]
         line = f"{cat:<14}{1e3 * t:>10.1f}{100 * t / total:>8.1f}%"
         if by_pass:

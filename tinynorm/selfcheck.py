@@ -1,23 +1,30 @@
 """`tinynorm gradcheck`: every built-in op against finite differences.
 
-Each op module may define ``gradcheck_cases()`` returning a list of
-``(op_label, forward, backward, args, names)``; this module collects them.
+Each public module (or package) of ``tinynorm.ops`` may define
+``gradcheck_cases()`` returning a list of ``(op_label, forward, backward,
+args, names)``; this module finds them all by itself, so a new op module is
+checked as soon as it defines the function.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 import numpy as np
 
 from .gradcheck import format_table, gradcheck, gradcheck_layer
 
-OP_MODULES = ["conv", "linear", "activations", "pooling", "loss", "dropout", "batchnorm",
-              "weightnorm", "normprop", "trelu", "layernorm"]
+
+def op_modules():
+    """Names of the public modules of tinynorm.ops (private ones start with "_")."""
+    from . import ops
+    return sorted(m.name for m in pkgutil.iter_modules(ops.__path__)
+                  if not m.name.startswith("_"))
 
 
 def all_cases():
     cases = []
-    for name in OP_MODULES:
+    for name in op_modules():
         mod = importlib.import_module(f"tinynorm.ops.{name}")
         if hasattr(mod, "gradcheck_cases"):
             cases.extend(mod.gradcheck_cases())
@@ -45,6 +52,9 @@ def layer_cases():
         ("layer WNConv2d", nn.WNConv2d(3, 4, 3, 1, 1, **kw), x4),
         ("layer WNLinear", nn.WNLinear(5, 4, **kw), x2),
         ("layer NormPropConv2d", nn.NormPropConv2d(3, 4, 3, 1, 1, **kw), x4),
+        ("layer NormPropConv2d scale=1", nn.NormPropConv2d(3, 4, 3, 1, 1, scale=1.0, **kw), x4),
+        ("layer NormPropLinear", nn.NormPropLinear(5, 4, **kw), x2),
+        ("layer WNConv2d g_init=norm", nn.WNConv2d(3, 4, 3, 1, 1, g_init="norm", **kw), x4),
         ("layer TReLUConv2d", nn.TReLUConv2d(3, 4, 3, 1, 1, **kw), x4),
         ("layer ScaleShift", nn.ScaleShift(3, dtype=np.float64), x4),
     ]

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import __version__, ops
 from .backend import to_numpy
+from .diagnostics import SignalRecorder, weight_coherences
 from .models import build_model
 from .optim import SGD, LRSchedule
 
@@ -38,7 +39,11 @@ __all__ = ["DEFAULTS", "Trainer", "read_log", "evaluate", "make_config"]
 
 DEFAULTS = dict(
     model="cifar10_nv",      # cifar10_nv | resnet50 | deep_linear
-    norm="bn",               # none | bn | wn | normprop | trelu
+    norm="bn",               # none | bn | wn | normprop | trelu (tinynorm.norms.norm_names())
+    init="caffe_xavier",     # caffe_xavier | glorot | he (tinynorm.nn.init; the paper's Caffe filler)
+    wn_g_init="one",         # WN gains start at 1 ("one") or at ||v|| ("norm")
+    normprop_scale=1.21,     # NormProp divides by normprop_scale * ||W|| (1.0: the seed paper's formula)
+    residual_scale="auto",   # ResNet's act(s (branch + shortcut)): the norm's own s, or a number
     dataset="fashion-mnist",  # fashion-mnist | cifar10 | imagenet
     data_root=None,
     width=1.0,               # channel multiplier (cifar10_nv, resnet50)
@@ -67,11 +72,38 @@ DEFAULTS = dict(
     ddi=False,               # WN data-dependent init on the first batch
     diverge_loss=100.0,
     track_norms_every=0,     # record ||output|| of the first and last layers every k iterations
+    track_signal_every=0,    # record every unit's output RMS/mean and every layer's coherence
     eval_every=1,            # evaluate on the test set every k epochs (and at the end)
     eval_batch_size=500,
     out="runs/default",
     progress=True,
 )
+
+
+# What a log written before these keys existed ran with (its "xavier" was Glorot's).
+_LEGACY = dict(init="glorot", wn_g_init="norm", normprop_scale=1.0)
+
+
+def upgrade_config(cfg: dict) -> dict:
+    """A logged configuration as today's keys say it: logs written before the
+    norm registry have no ``init`` (they ran Glorot's init, WN gains started at
+    ||v||, NormProp without its 1.21, and ResNet's TReLU WN blocks with the
+    residual sum scaled by 1/sqrt(2)); ``init = "xavier"`` meant Glorot's."""
+    cfg = dict(cfg)
+    if "init" not in cfg:
+        for key, value in _LEGACY.items():
+            cfg.setdefault(key, value)
+        if cfg.get("model") == "resnet50" and cfg.get("norm") in ("normprop", "trelu"):
+            cfg.setdefault("residual_scale", 1.0 / math.sqrt(2.0))
+    if cfg.get("init") == "xavier":
+        cfg["init"] = "glorot"
+    return cfg
+
+
+def unit_options(cfg: dict) -> dict:
+    """The model-building keys of a configuration (tinynorm.norms.UnitOptions)."""
+    return {k: cfg[k] for k in ("init", "wn_g_init", "normprop_scale", "residual_scale",
+                                "bn_chunk")}
 
 
 def make_config(overrides=None, base=None) -> dict:
@@ -185,11 +217,15 @@ def read_log(path) -> dict:
     if path.is_dir():
         path = path / "log.h5"
     with _open_h5(path) as f:
-        out = {"config": json.loads(f.attrs["config"]), "status": str(f.attrs["status"]),
+        out = {"config": upgrade_config(json.loads(f.attrs["config"])),
+               "status": str(f.attrs["status"]),
                "diverged_at": int(f.attrs["diverged_at"]),
                "diverged_reason": str(f.attrs["diverged_reason"])}
-        for group in ("iter", "epoch", "norms"):
+        for group in SERIES:
             out[group] = {k: f[group][k][()] for k in f[group]} if group in f else {}
+            for attr in ("names", "kinds"):
+                if group in f and attr in f[group].attrs:
+                    out[group][attr] = json.loads(f[group].attrs[attr])
     return out
 
 
@@ -198,7 +234,11 @@ def read_log(path) -> dict:
 SERIES = {"iter": ("iteration", "epoch", "loss", "lr", "train_acc"),
           "epoch": ("epoch", "iteration", "train_loss", "train_acc", "test_loss",
                     "test_top1", "test_top5", "seconds", "images_per_s"),
-          "norms": ("iteration", "first", "last")}
+          "norms": ("iteration", "first", "last"),
+          # rows of (units,): RMS and mean of every conv unit's / block's output
+          "signal": ("iteration", "rms", "mean"),
+          # rows of (layers,): the coherence of every conv / linear layer's weights
+          "coherence": ("iteration", "value")}
 
 
 class Trainer:
@@ -215,7 +255,7 @@ class Trainer:
             extra["in_features"] = int(np.prod(x0.shape[1:]))
         self.model = build_model(cfg["model"], cfg["norm"], in_channels=self.data.in_channels,
                                  num_classes=self.data.num_classes, width=cfg["width"],
-                                 seed=cfg["seed"], stem=cfg["stem"], bn_chunk=cfg["bn_chunk"],
+                                 seed=cfg["seed"], stem=cfg["stem"], opts=unit_options(cfg),
                                  depth=cfg["depth"], linear_width=cfg["linear_width"], **extra)
         total = cfg["epochs"] * self.data.batches_per_epoch
         self.schedule = LRSchedule(cfg["schedule"], cfg["lr"], total, cfg["lr_final"],
@@ -226,6 +266,9 @@ class Trainer:
         self.status, self.diverged_at, self.diverged_reason = "running", -1, ""
         self._stop = False
         self._probe = {}
+        self._recorder = SignalRecorder(self.model)
+        self.series_names = {"signal": [], "coherence": []}
+        self.signal_kinds = []
         layers = dict(self.model.named_layers())
         for role, name in getattr(self.model, "probe_layers", {}).items():
             self._probe[role] = layers[name]
@@ -242,6 +285,10 @@ class Trainer:
             g = f.create_group(group)
             for key, values in series.items():
                 g.create_dataset(key, data=np.asarray(values, np.float64))
+            if group in self.series_names:
+                g.attrs["names"] = json.dumps(self.series_names[group])
+            if group == "signal":
+                g.attrs["kinds"] = json.dumps(self.signal_kinds)
         norm = f.create_group("normalizer")
         for key, arr in self.data.normalizer_arrays().items():
             norm.create_dataset(key, data=np.asarray(arr))
@@ -266,8 +313,10 @@ class Trainer:
         path = Path(path) if path else self.out / "checkpoint.h5"
         with _open_h5(path) as f:
             saved = json.loads(f["log"].attrs["config"])
+            saved = upgrade_config(saved)
             for key in ("model", "norm", "width", "dataset", "seed", "batch_size", "epochs",
-                        "train_limit", "stem", "depth", "linear_width"):
+                        "train_limit", "stem", "depth", "linear_width", "init", "wn_g_init",
+                        "normprop_scale", "residual_scale"):
                 if saved.get(key) != self.cfg.get(key):
                     raise ValueError(f"cannot resume {path}: it was run with {key}="
                                      f"{saved.get(key)!r}, this run has {self.cfg.get(key)!r}")
@@ -277,8 +326,14 @@ class Trainer:
                                       "iteration": f.attrs["iteration"]})
             self.epoch, self.batch = int(f.attrs["epoch"]), int(f.attrs["batch"])
             for group, series in self.log.items():
+                if group not in f["log"]:      # a log from before the group existed
+                    continue
                 for key in series:
                     series[key] = list(f["log"][group][key][()])
+                if group in self.series_names and "names" in f["log"][group].attrs:
+                    self.series_names[group] = json.loads(f["log"][group].attrs["names"])
+                if group == "signal" and "kinds" in f["log"][group].attrs:
+                    self.signal_kinds = json.loads(f["log"][group].attrs["kinds"])
             self.status = str(f["log"].attrs["status"])
             self.diverged_at = int(f["log"].attrs["diverged_at"])
             self.diverged_reason = str(f["log"].attrs["diverged_reason"])
@@ -358,7 +413,14 @@ class Trainer:
                 track = cfg["track_norms_every"] and self.opt.iteration % cfg["track_norms_every"] == 0
                 for layer in self._probe.values():
                     layer.track_output_norm = bool(track)
-                logits = self.model(x)
+                signal_every = cfg["track_signal_every"]
+                if signal_every and self.opt.iteration % signal_every == 0:
+                    self._record_coherence(self.opt.iteration)   # the weights this step uses
+                    with self._recorder as rec:
+                        logits = self.model(x)
+                    self._record_signal(self.opt.iteration, rec)
+                else:
+                    logits = self.model(x)
                 loss, dlogits = ops.softmax_cross_entropy(logits, y)
                 loss = float(loss)
                 acc = 100.0 * _topk_correct(to_numpy(logits), y, 1) / len(y)
@@ -410,6 +472,20 @@ class Trainer:
             if self.status == "completed":
                 return
         self.status = "completed"
+
+    def _record_signal(self, it, rec):
+        self.series_names["signal"] = list(rec.names)
+        self.signal_kinds = list(rec.kinds)
+        s = self.log["signal"]
+        s["iteration"].append(it)
+        s["rms"].append(list(rec.rms))
+        s["mean"].append(list(rec.mean))
+
+    def _record_coherence(self, it):
+        names, values = weight_coherences(self.model)
+        self.series_names["coherence"] = names
+        self.log["coherence"]["iteration"].append(it)
+        self.log["coherence"]["value"].append(values)
 
     def _record_iter(self, it, epoch, loss, lr, acc):
         s = self.log["iter"]

@@ -17,15 +17,18 @@
 
 The pools use pad 1 with floor rounding, which gives Table 2's 14 and 7 (Caffe
 gets the same sizes with pad 0 and ceil rounding).  BN sits only after conv3
-and conv6 (Table 2); the WN-family norms replace every conv.  For trelu the
-last layer carries gamma and beta: conv9 -> TReLU -> ScaleShift.
+and conv6 (Table 2; the registry entry's ``cifar10_nv_units``); the WN-family
+norms replace every conv.  For trelu the last layer carries gamma and beta:
+conv9 -> TReLU -> ScaleShift (the entry's ``output_layer``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from ..nn import GlobalAvgPool2d, MaxPool2d, ScaleShift, Sequential
-from .blocks import NORMS, conv_unit
+from ..nn import GlobalAvgPool2d, MaxPool2d, Sequential
+from ..norms import UnitOptions, conv_unit, get_norm
 
 __all__ = ["cifar10_nv"]
 
@@ -36,31 +39,35 @@ _CONVS = [("conv1", 128, 3, 1), ("conv2", 128, 3, 1), ("conv3", 128, 3, 1),
 
 
 def cifar10_nv(norm="bn", in_channels=3, num_classes=10, width=1.0, *, seed=0,
-               dtype=np.float32, bn_chunk=None):
+               dtype=np.float32, bn_chunk=None, opts=None):
     """Build cifar10-nv.  ``width`` scales every hidden channel count (conv9 keeps
-    ``num_classes``).  Children are named conv1..conv9 (each a Sequential of its
-    conv unit), pool3, pool6, pool9 (and scale for trelu)."""
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
+    ``num_classes``); ``opts`` (:class:`tinynorm.norms.UnitOptions`) sets the
+    init, WN's g and NormProp's scale (``bn_chunk``, if given, overrides its
+    bn_chunk).  Children are named conv1..conv9 (each a Sequential of its conv
+    unit), pool3, pool6, pool9 (and scale for trelu)."""
+    entry = get_norm(norm)
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    opts = opts or UnitOptions()
+    if bn_chunk is not None:
+        opts = replace(opts, bn_chunk=bn_chunk)
     rng = np.random.default_rng(seed)
     layers, names = [], []
     c_in = in_channels
     for name, c_out, k, pad in _CONVS:
         c_out = num_classes if c_out is None else max(1, int(round(c_out * width)))
-        unit_norm = norm
-        if norm == "bn" and name not in ("conv3", "conv6"):
-            unit_norm = "none"      # Table 2: BN only after conv3 and conv6
+        unit_norm = entry.name
+        if entry.cifar10_nv_units is not None and name not in entry.cifar10_nv_units:
+            unit_norm = "none"      # e.g. Table 2: BN only after conv3 and conv6
         layers.append(Sequential(*conv_unit(unit_norm, c_in, c_out, k, 1, pad, rng=rng,
-                                            dtype=dtype, bn_chunk=bn_chunk)))
+                                            dtype=dtype, opts=opts)))
         names.append(name)
         if name in ("conv3", "conv6"):
             layers.append(MaxPool2d(3, 2, 1))
             names.append("pool" + name[-1])
         c_in = c_out
-    if norm == "trelu":
-        layers.append(ScaleShift(num_classes, dtype=dtype))
+    if entry.output_layer is not None:
+        layers.append(entry.output_layer(num_classes, dtype=dtype))
         names.append("scale")
     layers.append(GlobalAvgPool2d())
     names.append("pool9")

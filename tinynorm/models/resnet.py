@@ -7,19 +7,23 @@ stages 2-4 (on the 3x3 conv, torchvision's v1.5).  Stems:
 * ``imagenet``: 7x7/2 conv (64) -> norm -> act -> 3x3/2 max pool (pad 1)
 * ``cifar``:    3x3/1 conv (64) -> norm -> act (for 28-32 pixel inputs)
 
-Head: global average pool -> linear (WN-family: WNLinear with gain and bias,
-which for trelu are the network's gamma and beta).  With BN, 1000 classes and
-the ImageNet stem the model has the standard 25,557,032 parameters.
+Head: global average pool -> the norm's classifier (``Norm.head``: Linear
+for none and bn; WNLinear with gain and bias for the WN family, which for trelu
+are the network's gamma and beta).  With BN, 1000 classes and the ImageNet
+stem the model has the standard 25,557,032 parameters.
 
-Residual sums are scaled by 1/sqrt(2) for normprop and trelu (see
-:class:`tinynorm.models.blocks.Bottleneck`).
+Residual sums are scaled by the norm's residual scale: 1/sqrt(2) for NormProp
+only (see :class:`tinynorm.models.blocks.Bottleneck` and :mod:`tinynorm.norms`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from ..nn import GlobalAvgPool2d, Linear, MaxPool2d, Sequential, WNLinear
-from .blocks import NORMS, Bottleneck, conv_unit
+from ..nn import GlobalAvgPool2d, MaxPool2d, Sequential
+from ..norms import UnitOptions, conv_unit, get_norm
+from .blocks import Bottleneck
 
 __all__ = ["resnet50", "resnet"]
 
@@ -27,13 +31,15 @@ STAGES_50 = (3, 4, 6, 3)
 
 
 def resnet(norm="bn", depths=STAGES_50, num_classes=1000, stem="imagenet", width=1.0,
-           in_channels=3, bn_chunk=None, *, seed=0, dtype=np.float32):
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
+           in_channels=3, bn_chunk=None, *, seed=0, dtype=np.float32, opts=None):
+    entry = get_norm(norm)
     if stem not in ("imagenet", "cifar"):
         raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
+    opts = opts or UnitOptions()
+    if bn_chunk is not None:
+        opts = replace(opts, bn_chunk=bn_chunk)
     rng = np.random.default_rng(seed)
-    unit = dict(rng=rng, dtype=dtype, bn_chunk=bn_chunk)
+    unit = dict(rng=rng, dtype=dtype, opts=opts)
     ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
 
     layers, names = [], []
@@ -54,10 +60,7 @@ def resnet(norm="bn", depths=STAGES_50, num_classes=1000, stem="imagenet", width
             c_in = c_out
     layers.append(GlobalAvgPool2d())
     names.append("pool")
-    if norm in ("wn", "normprop", "trelu"):
-        layers.append(WNLinear(c_in, num_classes, gain=True, bias=True, rng=rng, dtype=dtype))
-    else:
-        layers.append(Linear(c_in, num_classes, bias=True, rng=rng, dtype=dtype))
+    layers.append(entry.head(c_in, num_classes, rng=rng, dtype=dtype, opts=opts))
     names.append("fc")
     model = Sequential(*layers, names=names)
     # Figure 4: the outputs of the first layer (stem) and the last residual block
@@ -66,8 +69,8 @@ def resnet(norm="bn", depths=STAGES_50, num_classes=1000, stem="imagenet", width
 
 
 def resnet50(norm="bn", num_classes=1000, stem="imagenet", width=1.0, bn_chunk=None,
-             in_channels=3, *, seed=0, dtype=np.float32):
+             in_channels=3, *, seed=0, dtype=np.float32, opts=None):
     """ResNet-50; ``bn_chunk`` computes BN statistics per chunk of that many
-    samples (64 in the paper's 4-GPU run)."""
+    samples (64 in the paper's 4-GPU run); ``opts`` as in :func:`resnet`."""
     return resnet(norm, STAGES_50, num_classes, stem, width, in_channels, bn_chunk,
-                  seed=seed, dtype=dtype)
+                  seed=seed, dtype=dtype, opts=opts)

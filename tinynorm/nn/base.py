@@ -50,6 +50,11 @@ class Layer:
         if self.track_output_norm:
             xp = get_array_module(y)
             self.output_norm = float(xp.sqrt((y.astype(xp.float64) ** 2).sum()))
+        # set by tinynorm.diagnostics.SignalRecorder on conv-unit and block outputs
+        hook = getattr(self, "_signal_hook", None)
+        if hook is not None:
+            recorder, name, kind = hook
+            recorder.record(name, kind, y)
         return y
 
     # -- modes -----------------------------------------------------------------

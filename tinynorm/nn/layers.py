@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import ops
 from .base import Layer, _as_pair
-from .init import initialize
+from .init import DEFAULT_INIT, initialize
 
 __all__ = ["Conv2d", "Linear", "ReLU", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
            "Flatten", "Dropout", "Identity"]
@@ -15,7 +15,7 @@ class Conv2d(Layer):
     """y = w * x + b.  params: ``w`` (C_out, C_in, kh, kw), ``b`` (C_out,) if bias."""
 
     def __init__(self, c_in, c_out, kernel, stride=1, pad=0, bias=True, *, rng=None,
-                 init="xavier", dtype=np.float32):
+                 init=DEFAULT_INIT, dtype=np.float32):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         kh, kw = _as_pair(kernel)
@@ -46,7 +46,7 @@ class Conv2d(Layer):
 class Linear(Layer):
     """y = x w^T + b.  params: ``w`` (D_out, D_in), ``b`` (D_out,) if bias."""
 
-    def __init__(self, d_in, d_out, bias=True, *, rng=None, init="xavier", dtype=np.float32):
+    def __init__(self, d_in, d_out, bias=True, *, rng=None, init=DEFAULT_INIT, dtype=np.float32):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.params["w"] = initialize(init, (d_out, d_in), rng, dtype)

@@ -8,8 +8,9 @@ Batch statistics
 Per-sample statistics (training == evaluation)
     LayerNorm, GroupNorm (instance norm: ``groups=num_channels``)
 Weight normalization (paper section 3.2)
-    WNConv2d, WNLinear   w = g v / (||v|| + eps), bias b
-    NormPropConv2d       WN conv (gain g = gamma, bias b = beta) then NormPropReLU
+    WNConv2d, WNLinear   w = g v / (||v|| + eps), bias b (g starts at 1)
+    NormPropConv2d       WN conv (gain g = gamma, bias b = beta, norm scaled by
+    NormPropLinear       1.21) then NormPropReLU; NormPropLinear likewise
     TReLUConv2d          WN conv without gain/bias, then TReLU
     NormPropReLU, TReLU, ScaleShift   the activation / output layers they use
     data_dependent_init(model, x)     Salimans & Kingma's initialization
@@ -33,15 +34,24 @@ import numpy as np
 from .. import ops
 from ..backend import get_array_module
 from .base import Layer, _as_pair
-from .init import initialize
+from .init import DEFAULT_INIT, initialize
 
 __all__ = ["BatchNorm", "MeanOnlyBatchNorm", "BatchRenorm", "LayerNorm", "GroupNorm",
-           "WNConv2d", "WNLinear", "NormPropReLU", "NormPropConv2d", "TReLU", "TReLUConv2d",
-           "ScaleShift", "data_dependent_init", "WN_EPS"]
+           "WNConv2d", "WNLinear", "NormPropReLU", "NormPropConv2d", "NormPropLinear", "TReLU",
+           "TReLUConv2d", "ScaleShift", "data_dependent_init", "WN_EPS", "WN_G_INITS"]
 
 # Added to ||v||; only guards the division (for ||v|| ~ 0.1-1 it vanishes in
 # float32).  Paper section 3.2 writes the same eps in ||W_j||_F + eps.
 WN_EPS = 1e-8
+
+# How a WN layer's gain g starts (``wn_g_init`` in a run's configuration):
+#   "one"  -- g = 1: unit-norm filters whatever v's init; the paper's gamma, "a
+#             scale like BN's", and BN's gamma starts at 1 (the default);
+#   "norm" -- g = ||v||: w = v at the start, so the first-order WN update of w
+#             equals plain SGD's (tinynorm's default before caffe_xavier).
+# A number sets every g to it.  Salimans & Kingma's data-dependent init is
+# separate (``data_dependent_init``, the trainer's ``ddi``).
+WN_G_INITS = ("one", "norm")
 
 
 def _update_running(running, batch_stat, momentum):
@@ -272,17 +282,24 @@ class _WNLayer(Layer):
     """Shared machinery of WNConv2d / WNLinear: params v, g, b; weight norm
     computed once per forward; data-dependent init when ``_ddi_pending``."""
 
-    def _init_params(self, shape, gain, bias, g_init, eps, rng, init, dtype):
+    def _init_params(self, shape, gain, bias, g_init, eps, rng, init, dtype, norm_scale=1.0):
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.eps = eps
+        if not norm_scale > 0:
+            raise ValueError(f"norm_scale must be > 0, got {norm_scale}")
+        self.eps, self.norm_scale = eps, float(norm_scale)
         self.params["v"] = initialize(init, shape, rng, dtype)
         if gain:
             if g_init == "norm":
-                # g = ||v||: w = v at the start, so WN starts from the Xavier weights
+                # g = s ||v||: w = v at the start (WN starts from the init's weights)
                 axes = tuple(range(1, len(shape)))
-                g0 = np.sqrt((self.params["v"].astype(np.float64) ** 2).sum(axis=axes)) + eps
-            else:
+                g0 = self.norm_scale * (np.sqrt(
+                    (self.params["v"].astype(np.float64) ** 2).sum(axis=axes)) + eps)
+            elif g_init == "one":
+                g0 = np.ones(shape[0])
+            elif isinstance(g_init, (int, float)) and not isinstance(g_init, bool):
                 g0 = np.full(shape[0], float(g_init))
+            else:
+                raise ValueError(f"unknown g_init {g_init!r}; choose 'one', 'norm' or a number")
             self.params["g"] = g0.astype(dtype)
         if bias:
             self.params["b"] = np.zeros(shape[0], dtype)
@@ -299,7 +316,8 @@ class _WNLayer(Layer):
     def forward(self, x):
         if self._ddi_pending:
             self._data_dependent_init(x)
-        w, wn_cache = ops.weight_norm_forward(self.params["v"], self.params.get("g"), self.eps)
+        w, wn_cache = ops.weight_norm_forward(self.params["v"], self.params.get("g"), self.eps,
+                                              self.norm_scale)
         y, cache = self._apply(x, w, self.params.get("b"))
         self._cache = (wn_cache, cache)
         return y
@@ -317,13 +335,13 @@ class _WNLayer(Layer):
         return dx
 
     def _data_dependent_init(self, x):
-        """Salimans & Kingma (2016), section 2.2: with t = conv(x, v / ||v||),
+        """Salimans & Kingma (2016), section 2.2: with t = conv(x, v / (s ||v||)),
         per output channel mean mu and std sigma over (N, H, W), set
         g = 1 / sigma and b = -mu / sigma, so that g t + b has zero mean and unit
         variance on this batch.  Without a gain only b = -mu is set; without a
         bias only g = 1 / sigma."""
         xp = get_array_module(x)
-        w_unit, _ = ops.weight_norm_forward(self.params["v"], None, self.eps)
+        w_unit, _ = ops.weight_norm_forward(self.params["v"], None, self.eps, self.norm_scale)
         t, _ = self._apply(x, w_unit, None)
         axes = (0,) + tuple(range(2, t.ndim))
         mean = t.mean(axis=axes, dtype=xp.float64)
@@ -351,19 +369,22 @@ class WNConv2d(_WNLayer):
     c_in, c_out, kernel, stride, pad : as Conv2d
     gain : learn g (C_out,); False gives w = v / (||v|| + eps) (TReLU WN)
     bias : learn b (C_out,), start 0
-    g_init : "norm" (default) -- g = ||v||, so w = v starts as the Xavier
-        weights -- or a number, e.g. 1.0 (unit-norm filters, NormProp)
+    g_init : "one" (default; unit-norm filters), "norm" (g = ||v||, so w = v
+        starts as the init's weights) or a number (see ``WN_G_INITS``)
     eps : added to ||v|| (``WN_EPS``)
+    norm_scale : s in w = g v / (s (||v|| + eps)); 1.21 in NormProp's units
 
-    params ``v`` (C_out, C_in, kh, kw) (Xavier init, weight-decayed), ``g``, ``b``.
+    params ``v`` (C_out, C_in, kh, kw) (``init``, weight-decayed), ``g``, ``b``.
     """
 
     def __init__(self, c_in, c_out, kernel, stride=1, pad=0, gain=True, bias=True, *,
-                 g_init="norm", eps=WN_EPS, rng=None, init="xavier", dtype=np.float32):
+                 g_init="one", eps=WN_EPS, norm_scale=1.0, rng=None, init=DEFAULT_INIT,
+                 dtype=np.float32):
         super().__init__()
         kh, kw = _as_pair(kernel)
         self.stride, self.pad = stride, pad
-        self._init_params((c_out, c_in, kh, kw), gain, bias, g_init, eps, rng, init, dtype)
+        self._init_params((c_out, c_in, kh, kw), gain, bias, g_init, eps, rng, init, dtype,
+                          norm_scale)
 
     def _apply(self, x, w, b):
         return ops.conv2d_forward(x, w, b, self.stride, self.pad)
@@ -373,8 +394,9 @@ class WNConv2d(_WNLayer):
 
     def __repr__(self):
         co, ci, kh, kw = self.params["v"].shape
+        scale = f", norm_scale={self.norm_scale:g}" if self.norm_scale != 1.0 else ""
         return (f"WNConv2d({ci}, {co}, {kh}x{kw}, stride={self.stride}, pad={self.pad}, "
-                f"gain={'g' in self.params}, bias={'b' in self.params})")
+                f"gain={'g' in self.params}, bias={'b' in self.params}{scale})")
 
 
 class WNLinear(_WNLayer):
@@ -384,10 +406,10 @@ class WNLinear(_WNLayer):
     other arguments as WNConv2d.
     """
 
-    def __init__(self, d_in, d_out, gain=True, bias=True, *, g_init="norm", eps=WN_EPS,
-                 rng=None, init="xavier", dtype=np.float32):
+    def __init__(self, d_in, d_out, gain=True, bias=True, *, g_init="one", eps=WN_EPS,
+                 norm_scale=1.0, rng=None, init=DEFAULT_INIT, dtype=np.float32):
         super().__init__()
-        self._init_params((d_out, d_in), gain, bias, g_init, eps, rng, init, dtype)
+        self._init_params((d_out, d_in), gain, bias, g_init, eps, rng, init, dtype, norm_scale)
 
     def _apply(self, x, w, b):
         return ops.linear_forward(x, w, b)
@@ -397,7 +419,9 @@ class WNLinear(_WNLayer):
 
     def __repr__(self):
         do, di = self.params["v"].shape
-        return f"WNLinear({di}, {do}, gain={'g' in self.params}, bias={'b' in self.params})"
+        scale = f", norm_scale={self.norm_scale:g}" if self.norm_scale != 1.0 else ""
+        return (f"WNLinear({di}, {do}, gain={'g' in self.params}, bias={'b' in self.params}"
+                f"{scale})")
 
 
 def data_dependent_init(model, x):
@@ -466,25 +490,43 @@ class _ConvThenAct(Layer):
 class NormPropConv2d(_ConvThenAct):
     """Normalization propagation conv + ReLU (Arpit et al. 2016), paper section 3.2:
 
-        o_j = c1 [relu(gamma_j (W_j * x) / (||W_j|| + eps) + beta_j) - c0]
+        o_j = c1 [relu(gamma_j (W_j * x) / (s (||W_j|| + eps)) + beta_j) - c0]
 
-    A WNConv2d child ``conv`` (its g is gamma, started at 1 -- the value the
+    with s = ``scale`` = 1.21 as NormProp's authors ran it (s = 1 is the seed
+    paper's printed formula; :mod:`tinynorm.ops.normprop` says why).  A
+    WNConv2d child ``conv`` (its g is gamma, started at 1 -- the value the
     constants c0, c1 are derived for -- and its b is beta, started at 0) and a
     NormPropReLU child ``act``.  No running statistics: evaluation is the same
     function as training.  Its input should be normalized (per-pixel mean/std).
     """
 
-    def __init__(self, c_in, c_out, kernel, stride=1, pad=0, *, eps=WN_EPS, rng=None,
-                 init="xavier", dtype=np.float32):
+    def __init__(self, c_in, c_out, kernel, stride=1, pad=0, *, scale=ops.NORMPROP_SCALE,
+                 eps=WN_EPS, rng=None, init=DEFAULT_INIT, dtype=np.float32):
         super().__init__()
         self.children["conv"] = WNConv2d(c_in, c_out, kernel, stride, pad, gain=True,
-                                         bias=True, g_init=1.0, eps=eps, rng=rng, init=init,
-                                         dtype=dtype)
+                                         bias=True, g_init="one", eps=eps, norm_scale=scale,
+                                         rng=rng, init=init, dtype=dtype)
         self.children["act"] = NormPropReLU()
-
 
     def __repr__(self):
         return f"NormPropConv2d({self.children['conv']!r})"
+
+
+class NormPropLinear(_ConvThenAct):
+    """The fully-connected NormProp unit:
+    o_j = c1 [relu(gamma_j (W_j . x) / (s (||W_j|| + eps)) + beta_j) - c0],
+    s = ``scale`` (1.21); children ``conv`` (a WNLinear) and ``act``."""
+
+    def __init__(self, d_in, d_out, *, scale=ops.NORMPROP_SCALE, eps=WN_EPS, rng=None,
+                 init=DEFAULT_INIT, dtype=np.float32):
+        super().__init__()
+        self.children["conv"] = WNLinear(d_in, d_out, gain=True, bias=True, g_init="one",
+                                         eps=eps, norm_scale=scale, rng=rng, init=init,
+                                         dtype=dtype)
+        self.children["act"] = NormPropReLU()
+
+    def __repr__(self):
+        return f"NormPropLinear({self.children['conv']!r})"
 
 
 class TReLU(Layer):
@@ -522,8 +564,9 @@ class TReLUConv2d(_ConvThenAct):
     """
 
     def __init__(self, c_in, c_out, kernel, stride=1, pad=0, bias=False, *, eps=WN_EPS,
-                 rng=None, init="xavier", dtype=np.float32):
+                 rng=None, init=DEFAULT_INIT, dtype=np.float32):
         super().__init__()
+        # w = v / ||v||: no gain, so g_init does not apply
         self.children["conv"] = WNConv2d(c_in, c_out, kernel, stride, pad, gain=False,
                                          bias=bias, eps=eps, rng=rng, init=init, dtype=dtype)
         self.children["act"] = TReLU(c_out, dtype=dtype)

@@ -11,6 +11,21 @@ Numerical facts (tests check them to 6 digits):
     c1 = 1.712858550449663
 A known bug elsewhere uses sqrt(pi / 2) = 1.2533141373155 for c1 (or c0); it
 is neither constant: 1/sqrt(0.5 (1 - 1/pi)) != sqrt(pi/2).
+
+The NormProp unit (conv or fully connected) that feeds this ReLU is
+
+    seed paper, section 3.2:     z_j = gamma_j (W_j * x) / ||W_j|| + beta_j
+    as Arpit et al. ran it:      z_j = gamma_j (W_j * x) / (1.21 ||W_j||) + beta_j
+
+Their released code multiplies the weight norm by 1.21 in its convolutional
+and its fully-connected NormProp layers: the derivation's "z_j ~ N(0, 1)"
+holds only for inputs whose covariance is the identity and weight rows that
+are orthogonal, and post-ReLU inputs (correlated, and correlated across
+neighbouring pixels for a conv) make the variance of W_j x / ||W_j|| larger
+than 1; 1.21 = 1.1^2 is their empirical correction.  ``NORMPROP_SCALE`` is
+that default (``normprop_scale`` in a run's configuration; 1.0 gives the
+seed paper's printed formula).  The division is :func:`weight_norm_forward`
+with ``scale``, so it has one backward for both.
 """
 from __future__ import annotations
 
@@ -20,10 +35,12 @@ import numpy as np
 
 from ..backend import get_array_module
 
-__all__ = ["NORMPROP_C0", "NORMPROP_C1", "normprop_relu_forward", "normprop_relu_backward"]
+__all__ = ["NORMPROP_C0", "NORMPROP_C1", "NORMPROP_SCALE", "normprop_relu_forward",
+           "normprop_relu_backward"]
 
 NORMPROP_C0 = math.sqrt(1.0 / (2.0 * math.pi))             # E[relu(z)], z ~ N(0, 1)
 NORMPROP_C1 = 1.0 / math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # 1 / std[relu(z)]
+NORMPROP_SCALE = 1.21                                       # Arpit et al.'s code
 
 
 def normprop_relu_forward(z):
@@ -55,10 +72,10 @@ def normprop_relu_backward(dy, cache):
     return (dy * mask * dy.dtype.type(NORMPROP_C1),)
 
 
-def _normprop_conv_forward(x, v, gamma, beta, stride, pad, eps):
-    # the NormPropConv2d layer: c1 (relu(gamma (v * x) / (||v|| + eps) + beta) - c0)
+def _normprop_conv_forward(x, v, gamma, beta, stride, pad, eps, scale):
+    # the NormPropConv2d layer: c1 (relu(gamma (v * x) / (scale (||v|| + eps)) + beta) - c0)
     from .weightnorm import wn_conv2d_forward
-    z, conv_cache = wn_conv2d_forward(x, v, gamma, beta, stride, pad, eps)
+    z, conv_cache = wn_conv2d_forward(x, v, gamma, beta, stride, pad, eps, scale)
     y, act_cache = normprop_relu_forward(z)
     return y, (conv_cache, act_cache)
 
@@ -70,6 +87,21 @@ def _normprop_conv_backward(dy, cache):
     return wn_conv2d_backward(dz, conv_cache)
 
 
+def _normprop_linear_forward(x, v, gamma, beta, eps, scale):
+    # the NormPropLinear layer: c1 (relu(gamma (v . x) / (scale (||v|| + eps)) + beta) - c0)
+    from .weightnorm import wn_linear_forward
+    z, lin_cache = wn_linear_forward(x, v, gamma, beta, eps, scale)
+    y, act_cache = normprop_relu_forward(z)
+    return y, (lin_cache, act_cache)
+
+
+def _normprop_linear_backward(dy, cache):
+    from .weightnorm import wn_linear_backward
+    lin_cache, act_cache = cache
+    (dz,) = normprop_relu_backward(dy, act_cache)
+    return wn_linear_backward(dz, lin_cache)
+
+
 def gradcheck_cases():
     """(op_label, forward, backward, args, names) for ``python -m tinynorm gradcheck``."""
     from .weightnorm import _have
@@ -77,10 +109,17 @@ def gradcheck_cases():
     z = rng.standard_normal((4, 3, 5, 5))
     z[np.abs(z) < 1e-3] = 0.5  # keep away from the kink at 0
     cases = [("normprop_relu", normprop_relu_forward, normprop_relu_backward, (z,), ("z",))]
-    if _have("conv", "conv2d_forward"):
-        cases.append(("NormProp conv (WN conv, gamma/beta, normprop_relu)",
-                      _normprop_conv_forward, _normprop_conv_backward,
-                      (rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3)),
-                       np.abs(rng.standard_normal(4)) + 0.5, 0.3 * rng.standard_normal(4),
-                       1, 1, 1e-3), ("x", "v", "gamma", "beta", "stride", "pad", "eps")))
+    for scale in (1.0, NORMPROP_SCALE):
+        if _have("conv", "conv2d_forward"):
+            cases.append((f"NormProp conv scale={scale:g} (WN conv, gamma/beta, normprop_relu)",
+                          _normprop_conv_forward, _normprop_conv_backward,
+                          (rng.standard_normal((2, 3, 5, 5)), rng.standard_normal((4, 3, 3, 3)),
+                           np.abs(rng.standard_normal(4)) + 0.5, 0.3 * rng.standard_normal(4),
+                           1, 1, 1e-3, scale),
+                          ("x", "v", "gamma", "beta", "stride", "pad", "eps", "scale")))
+        cases.append((f"NormProp linear scale={scale:g} (WN linear, gamma/beta, normprop_relu)",
+                      _normprop_linear_forward, _normprop_linear_backward,
+                      (rng.standard_normal((6, 7)), rng.standard_normal((5, 7)),
+                       np.abs(rng.standard_normal(5)) + 0.5, 0.3 * rng.standard_normal(5),
+                       1e-3, scale), ("x", "v", "gamma", "beta", "eps", "scale")))
     return cases
