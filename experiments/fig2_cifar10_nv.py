@@ -1,7 +1,9 @@
 """Figure 2: cifar10-nv with no normalization, BN, WN, NormProp and TReLU WN.
 
 Per-variant settings are the paper's footnote 3: SGD momentum 0.9, batch 128,
-initial lr 0.01 for all;
+initial lr 0.01 for all; Caffe's xavier init (the defaults: WN's g started at
+1, NormProp's norm scale 1.21; the committed logs of 2026-11 ran Glorot's init
+and g = ||v||, see RESULTS.md);
   none      linear decay to 1e-5, no weight decay
   bn        linear decay to 1e-5, wd 2e-3
   wn        linear decay to 1e-4, no weight decay
@@ -30,7 +32,8 @@ PER_NORM = {
     "trelu": dict(schedule="poly", power=2.0, lr_final=1e-5, weight_decay=1e-3),
 }
 
-COMMON = dict(model="cifar10_nv", lr=0.01, momentum=0.9, batch_size=128, seed=0)
+COMMON = dict(model="cifar10_nv", lr=0.01, momentum=0.9, batch_size=128, seed=0,
+              track_signal_every=25)
 
 PRESETS = {
     "paper": dict(dataset="cifar10", width=1.0, epochs=256, crop=28, pad=0),

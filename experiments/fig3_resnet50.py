@@ -6,7 +6,12 @@ weight decay 1e-4, Xavier init, 256x256 images randomly cropped to 224 with
 colour distortion and flips, inputs in [-1, 1].  The same settings are used for
 every norm here (the paper reports its best WN configuration was BN's).
 Output norms of the first layer (stem) and the last residual block are
-recorded every `track_norms_every` iterations (Figure 4).
+recorded every `track_norms_every` iterations (Figure 4), and every unit's
+output RMS and every layer's weight coherence (the paper's footnote 2) every
+`track_signal_every`.  Init: Caffe's xavier filler (the paper's), WN's g
+started at 1, NormProp's norm scale 1.21, the residual sum scaled by 1/sqrt(2)
+for NormProp only (the defaults; the committed logs of 2026-11 ran Glorot's
+init, g = ||v|| and the 1/sqrt(2) scale for TReLU WN too -- RESULTS.md).
 
 Presets:
   paper: as above.
@@ -32,7 +37,8 @@ PRESETS = {
     "paper": dict(dataset="imagenet", stem="imagenet", width=1.0, epochs=120, batch_size=256,
                   crop=224, pad=0, track_norms_every=100, eval_batch_size=100),
     "cpu": dict(dataset="fashion-mnist", min_std=10.0, stem="cifar", width=0.25, epochs=6,
-                batch_size=128, train_limit=30000, crop=28, pad=2, track_norms_every=5),
+                batch_size=128, train_limit=30000, crop=28, pad=2, track_norms_every=5,
+                track_signal_every=25),
     "smoke": dict(dataset="fashion-mnist", min_std=10.0, stem="cifar", width=1 / 16, epochs=1,
                   batch_size=64, bn_chunk=32, train_limit=256, test_limit=200, crop=28, pad=2,
                   track_norms_every=1),

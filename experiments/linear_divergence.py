@@ -14,6 +14,12 @@ Presets:
          10 lrs from 1e-4 to 1, 300 iterations at most.
   smoke: 3 lrs, 20 iterations, 1024 images.
 
+Every layer's output RMS and weight coherence (the paper's footnote 2) is
+recorded at every iteration (``signal`` and ``coherence`` groups of the logs);
+``plots/linear_coherence.png`` draws the coherence of the WN runs up to their
+divergence.  Inits are the defaults (Caffe's xavier filler, WN's g started at
+1); runs before 2026-12 used Glorot's init and g = ||v||.
+
     python experiments/linear_divergence.py --preset cpu
 """
 
@@ -21,9 +27,11 @@ from common import figure_path, parse_args, run_variants
 import numpy as np  # after common, which imports tinynorm first (OPENBLAS_THREAD_TIMEOUT)
 
 NORMS = ("wn", "bn", "none")
+# track_signal_every=1: every layer's output RMS and weight coherence at every
+# iteration, to see what happens to orthogonality before a divergence
 COMMON = dict(model="deep_linear", depth=50, linear_width=64, schedule="constant",
               momentum=0.9, weight_decay=0.0, augment=False, seed=0, eval_every=10**6,
-              diverge_loss=100.0, track_norms_every=1)
+              diverge_loss=100.0, track_norms_every=1, track_signal_every=1)
 
 PRESETS = {
     "paper": dict(dataset="imagenet", batch_size=256, crop=224, pad=0, epochs=1000,
@@ -50,7 +58,11 @@ def main():
         out = figure_path(args.preset, "linear_divergence", args.runs, "linear_divergence")
         table = plot_divergence(logs, out, title=f"50-layer linear network ({args.preset} preset)")
         print(table)
-        print(f"figure: {out}")
+        from plots.figures import plot_coherence
+        out2 = figure_path(args.preset, "linear_divergence", args.runs, "linear_coherence")
+        plot_coherence({k: v for k, v in logs.items() if k.startswith("wn_")}, out2,
+                       title=f"50-layer linear WN network: weight coherence ({args.preset} preset)")
+        print(f"figures: {out}, {out2}")
 
 
 if __name__ == "__main__":

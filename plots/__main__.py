@@ -9,8 +9,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from plots.figures import (plot_divergence, plot_output_norms, plot_time_share,  # noqa: E402
-                           plot_training_curves)
+from plots.figures import (ablation_table, plot_ablation, plot_coherence,  # noqa: E402
+                           plot_divergence, plot_output_norms, plot_signal_by_depth,
+                           plot_time_share, plot_training_curves)
 
 
 def logs_of(experiment):
@@ -31,7 +32,20 @@ def main():
     if logs := logs_of("linear_divergence"):
         print(plot_divergence(logs, HERE / "linear_divergence.png",
                               "50-layer linear network (cpu preset)"))
-        drawn.append("linear_divergence.png")
+        plot_coherence({k: v for k, v in logs.items() if k.startswith("wn_")},
+                       HERE / "linear_coherence.png",
+                       "50-layer linear WN network: weight coherence (cpu preset)")
+        drawn += ["linear_divergence.png", "linear_coherence.png"]
+    if logs := logs_of("ablation_init"):
+        plot_ablation(logs, HERE / "ablation_init.png", "init / scale ablation (cpu preset)")
+        plot_signal_by_depth(logs, HERE / "signal_by_depth.png", "RMS by depth (cpu preset)")
+        plot_output_norms({k: v for k, v in logs.items()
+                           if k.startswith("resnet_") and ("wn_" in k or "trelu" in k)},
+                          HERE / "ablation_fig4.png",
+                          "ResNet-50, WN family: output norms and coherence, first 300 "
+                          "iterations (cpu preset, ablation runs)")
+        print(ablation_table(logs))
+        drawn += ["ablation_init.png", "signal_by_depth.png", "ablation_fig4.png"]
     prof = HERE / "logs" / "fig1_time_share" / "profile.json"
     if prof.exists():
         plot_time_share(json.loads(prof.read_text()), HERE / "fig1_time_share.png")

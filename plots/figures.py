@@ -63,24 +63,39 @@ def plot_training_curves(logs: dict, out, title=""):
 
 
 def plot_output_norms(logs: dict, out, title=""):
-    """Figure 4: ||output|| of the first and last layers over training."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, path in logs.items():
-        norms = read_log(path)["norms"]
-        if not len(norms.get("iteration", [])):
-            continue
-        log = read_log(path)
+    """Figure 4: ||output|| of the first and last layers over training; beside
+    it, where the logs have it, the median over layers of the weight coherence
+    (the paper's footnote 2)."""
+    loaded = {name: read_log(path) for name, path in logs.items()}
+    with_coherence = any(len(log.get("coherence", {}).get("iteration", []))
+                         for log in loaded.values())
+    fig, axes = plt.subplots(1, 3 if with_coherence else 2,
+                             figsize=(16.5 if with_coherence else 11, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, log) in enumerate(loaded.items()):
+        norms = log["norms"]
         label = label_of(name)
         if log["status"] == "diverged":
             label += f" (diverged @ it {log['diverged_at']})"
-        # a run that diverged at once has a single record: draw it as a point
-        marker = "o" if len(norms["iteration"]) < 3 else None
-        for ax, role in zip(axes, ("first", "last")):
-            ax.plot(norms["iteration"], norms[role], label=label, color=color_of(name),
-                    marker=marker)
+        color = color_of(name) or cmap(i % 10)
+        if len(norms.get("iteration", [])):
+            # a run that diverged at once has a single record: draw it as a point
+            marker = "o" if len(norms["iteration"]) < 3 else None
+            for ax, role in zip(axes, ("first", "last")):
+                ax.plot(norms["iteration"], norms[role], label=label, color=color,
+                        marker=marker)
+        coh = log.get("coherence", {})
+        if with_coherence and len(coh.get("iteration", [])):
+            vals = np.atleast_2d(np.asarray(coh["value"], float))
+            axes[2].plot(coh["iteration"], np.nanmedian(vals, axis=1), label=label, color=color,
+                         marker="o" if len(vals) < 3 else None)
     for ax, role in zip(axes, ("first layer (stem)", "last residual block")):
         ax.set(xlabel="iteration", ylabel="||output||_2 over the batch", yscale="log",
                title=f"output norm, {role}")
+    if with_coherence:
+        axes[2].set(xlabel="iteration", ylabel="median over layers of max_{i!=j} |cos(w_i, w_j)|",
+                    title="weight coherence (footnote 2)", ylim=(0, None))
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -59,6 +59,31 @@ def test_fig3_and_linear_smoke(tmp_path):
     lines = [l for l in out.splitlines() if l.split()[:1] in (["wn"], ["bn"], ["none"])]
     assert len(lines) == 9          # 3 norms x 3 learning rates
     check_png(tmp_path / "smoke" / "linear_divergence" / "linear_divergence.png")
+    check_png(tmp_path / "smoke" / "linear_divergence" / "linear_coherence.png")
+    wn = read_log(tmp_path / "smoke" / "linear_divergence" / "logs" / "wn_lr1e-03.h5")
+    # coherence of all 50 layers at every iteration run
+    assert wn["coherence"]["value"].shape == (len(wn["iter"]["iteration"]), 50)
+
+
+@needs_data
+def test_ablation_smoke_records_each_variant_as_configured(tmp_path):
+    out = run_script("ablation_init", tmp_path)
+    exp = tmp_path / "smoke" / "ablation_init"
+    assert "| run | initial loss" in out
+    expected = {"nv_normprop_s1.00": dict(normprop_scale=1.0),
+                "nv_wn_glorot_gnorm": dict(init="glorot", wn_g_init="norm"),
+                "nv_wn_caffe_g1": dict(init="caffe_xavier", wn_g_init="one"),
+                "resnet_wn_ddi": dict(ddi=True),
+                "resnet_trelu_res0.71": dict(residual_scale=2 ** -0.5),
+                "resnet_trelu_res1": dict(residual_scale=1.0)}
+    for name, keys in expected.items():
+        log = read_log(exp / "logs" / f"{name}.h5")
+        for key, value in keys.items():
+            assert log["config"][key] == pytest.approx(value)
+        assert len(log["signal"]["iteration"]) >= 1 and log["signal"]["rms"].ndim == 2
+    assert len(list((exp / "logs").glob("*.h5"))) == 18
+    check_png(exp / "ablation_init.png")
+    check_png(exp / "signal_by_depth.png")
 
 
 def test_fig1_smoke_profiles_both_networks(tmp_path):

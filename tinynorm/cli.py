@@ -205,6 +205,9 @@ def _cmd_signal(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinynorm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import MODULE first (e.g. one that registers "
+                        "a normalization: tinynorm.norms.register_norm)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("gradcheck", help="check every built-in op's gradients (float64)")
@@ -254,7 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_plugins(argv):
+    """Import the modules named by ``--import MODULE`` (before the subcommand), e.g. a
+    file that registers a normalization with tinynorm.norms.register_norm."""
+    import importlib
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    sys.path.insert(0, "")      # as `python -m`: modules in the working directory
+    try:
+        for name in known.imports:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise SystemExit(f"tinynorm: --import {name}: {e}") from None
+    finally:
+        sys.path.remove("")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _import_plugins(argv)
     args = build_parser().parse_args(argv)
     if args.command in ("train", "eval", "profile", "signal"):
         from .backend import tune_allocator
