@@ -340,11 +340,14 @@ def plot_coherence(logs: dict, out, title="", max_iters=None):
                                   if log["status"] == "diverged" else "")
         color = color_of(name) or cmap(i % 10)
         marker = "o" if len(its) < 3 else None
-        axes[0].plot(its, np.nanmedian(vals, axis=1), color=color, label=label, marker=marker)
-        axes[1].plot(its, np.nanmax(vals, axis=1), color=color, label=label, marker=marker)
+        # iteration + 1 on a log axis: runs that diverge within a few steps stay visible
+        axes[0].plot(its + 1, np.nanmedian(vals, axis=1), color=color, label=label,
+                     marker=marker)
+        axes[1].plot(its + 1, np.nanmax(vals, axis=1), color=color, label=label, marker=marker)
         drawn += 1
     for ax, what in zip(axes, ("median over layers", "maximum over layers")):
-        ax.set(xlabel="iteration", ylabel="coherence max_{i!=j} |cos(w_i, w_j)|",
+        ax.set(xlabel="iteration + 1", xscale="log",
+               ylabel="coherence max_{i!=j} |cos(w_i, w_j)|",
                title=f"weight coherence, {what}", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         if drawn:
