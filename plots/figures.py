@@ -289,10 +289,17 @@ DEFAULT_VARIANTS = {"none": "none_caffe", "wn": "wn_caffe_g1", "normprop": "norm
                     "trelu": "trelu_res1"}
 
 
-def plot_signal_by_depth(logs: dict, out, title="", variants=DEFAULT_VARIANTS):
+def plot_signal_by_depth(logs: dict, out, title="", variants=None):
     """RMS along the main path at initialization (dashed) and at the last record
-    (solid), one line per norm (its default variant), one panel per network."""
-    groups = _network_groups(logs)
+    (solid), one line per norm, one panel per network.
+
+    ``logs`` named ``<network>_<variant>`` (the ablation: ``variants`` maps a
+    norm to the variant drawn for it, today's defaults unless given) or by norm
+    alone (one experiment's runs: every run is drawn)."""
+    if all(name.split("_")[0] in _NETS for name in logs):
+        groups, variants = _network_groups(logs), variants or DEFAULT_VARIANTS
+    else:
+        groups, variants = {"": dict(logs)}, variants or {name: name for name in logs}
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.3), squeeze=False)
     for ax, (net, runs) in zip(axes[0], sorted(groups.items(), key=lambda kv: kv[0] != "nv")):
         for norm, variant in variants.items():
