@@ -208,3 +208,40 @@ def test_import_sets_passive_openmp_waiting_unless_the_user_chose(preset, expect
                           "import os, tinynorm; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_serial_twins_do_not_share_their_kernels_cache(tmp_path):
+    """In a fresh numba cache, compiling a parallel kernel must not give its
+    serial twin a cache hit (a hit would mean the twin runs the kernel's
+    parallel code, or the kernel the twin's serial code, whichever came first)."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import numpy as np
+from tinynorm.ops import _geometry as geo
+x = np.zeros((2, 3, 5, 5), np.float32)
+col = np.empty(3 * 9 * 2 * 25, np.float32)
+args = (x.reshape(-1), 2, 3, 5, 5, 3, 3, 1, 1, 1, 1, 5, 5, col)
+geo._im2col_kernel(*args)
+geo._im2col_serial(*args)
+print(sum(geo._im2col_kernel.stats.cache_hits.values()),
+      sum(geo._im2col_serial.stats.cache_hits.values()))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
+                                 text=True, timeout=300, check=True).stdout.split()
+    assert run() == ["0", "0"]          # fresh cache: each compiled on its own
+    assert run() == ["1", "1"]          # and each found its own entry next time
+
+
+def test_every_serial_twin_is_compiled_from_its_own_function():
+    from tinynorm.ops import _geometry
+    from tinynorm.ops.conv import _winograd2, _winograd4, pipeline
+    twins = [getattr(m, name) for m in (_geometry, _winograd2, _winograd4, pipeline)
+             for name in dir(m) if name.endswith("_serial")]
+    assert len(twins) == 12
+    for twin in twins:
+        assert twin.py_func.__qualname__.endswith("_kernel_serial")

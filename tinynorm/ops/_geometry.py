@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import types
 
 import numba
 import numpy as np
@@ -42,7 +43,7 @@ from .. import backend, config
 __all__ = [
     "pair", "conv_outsize", "window_geometry", "im2col", "col2im",
     "im2col_reference", "col2im_reference", "FAST_DTYPES", "launch",
-    "blas_workers_spin", "numba_ok",
+    "blas_workers_spin", "numba_ok", "serial_twin",
 ]
 
 # The dtypes the numba kernels are compiled for.
@@ -229,11 +230,30 @@ def _col2im_kernel(col, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, x
                             x[dst + t * step] += col[src + t]
 
 
-# Single-threaded twins of the two kernels (``prange`` runs as ``range``), which
-# release the GIL: conv2d's batch pipeline runs one per Python thread, each on
-# its own chunk of samples (see ``conv/pipeline.py``).
-_im2col_serial = njit(nogil=True, cache=True)(_im2col_kernel.py_func)
-_col2im_serial = njit(nogil=True, cache=True)(_col2im_kernel.py_func)
+def serial_twin(kernel, **options):
+    """The single-threaded twin of the ``parallel=True`` numba ``kernel``
+    (``prange`` runs as ``range``), which releases the GIL: conv2d's batch
+    pipeline runs one per Python thread, each on its own chunk of samples
+    (see ``conv/pipeline.py``).  ``options``: further ``njit`` options
+    (e.g. the kernel's ``fastmath``).
+
+    The twin is compiled from a copy of the kernel's Python function named
+    ``<name>_serial``.  numba names a function's on-disk cache after its
+    qualified name and first line, and keys the entries by signature and
+    bytecode, not by compile options: a twin made from the very same function
+    shares the kernel's cache entry, and both then run whichever of the two
+    was compiled first.
+    """
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                              f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f.__doc__
+    return njit(nogil=True, cache=True, **options)(twin)
+
+
+_im2col_serial = serial_twin(_im2col_kernel)
+_col2im_serial = serial_twin(_col2im_kernel)
 
 
 def blas_workers_spin() -> bool:

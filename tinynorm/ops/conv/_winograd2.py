@@ -49,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._geometry import launch
+from .._geometry import launch, serial_twin
 
 __all__ = ["M", "SLICES", "tiles", "filter_transform", "filter_transform_adjoint", "input_transform",
            "input_transform_adjoint", "output_transform", "output_transform_adjoint",
@@ -376,10 +376,10 @@ def _output_adjoint_kernel(dy, n_batch, n_out, oh, ow, th, tw, stride_k, dm, sum
 
 
 # single-threaded twins that release the GIL (conv2d's batch pipeline)
-_input_serial = njit(nogil=True, cache=True)(_input_kernel.py_func)
-_input_adjoint_serial = njit(nogil=True, cache=True)(_input_adjoint_kernel.py_func)
-_output_serial = njit(nogil=True, cache=True)(_output_kernel.py_func)
-_output_adjoint_serial = njit(nogil=True, cache=True)(_output_adjoint_kernel.py_func)
+_input_serial = serial_twin(_input_kernel)
+_input_adjoint_serial = serial_twin(_input_adjoint_kernel)
+_output_serial = serial_twin(_output_kernel)
+_output_adjoint_serial = serial_twin(_output_adjoint_kernel)
 
 
 def _run(parallel_kernel, serial_kernel, serial, n_iter, work, *args):

@@ -38,6 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from ... import config
+from .._geometry import serial_twin
 from ._winograd2 import (_base, _crop, _run, buffer_size as _buffer_size, k_stride,
                          kron_filter_transform, kron_filter_transform_adjoint)
 from ._winograd2 import transform_buffer as _transform_buffer
@@ -331,10 +332,10 @@ def _output_adjoint_kernel(dy, n_batch, n_out, oh, ow, th, tw, sk, dm, sums, n_b
 
 
 # single-threaded twins that release the GIL (conv2d's batch pipeline)
-_input_serial = njit(nogil=True, cache=True)(_input_kernel.py_func)
-_input_adjoint_serial = njit(nogil=True, cache=True)(_input_adjoint_kernel.py_func)
-_output_serial = njit(nogil=True, cache=True)(_output_kernel.py_func)
-_output_adjoint_serial = njit(nogil=True, cache=True)(_output_adjoint_kernel.py_func)
+_input_serial = serial_twin(_input_kernel)
+_input_adjoint_serial = serial_twin(_input_adjoint_kernel)
+_output_serial = serial_twin(_output_kernel)
+_output_adjoint_serial = serial_twin(_output_adjoint_kernel)
 
 
 def _blocks(n_planes, serial):

@@ -124,9 +124,8 @@ def _nchw_to_cnp_kernel(src, n_batch, n_chan, plane, dst, sums, want_sums):
 
 
 # single-threaded twins that release the GIL, for the batch pipeline
-_cnp_to_nchw_serial = njit(nogil=True, cache=True)(_cnp_to_nchw_kernel.py_func)
-_nchw_to_cnp_serial = njit(nogil=True, cache=True, fastmath={"reassoc"})(
-    _nchw_to_cnp_kernel.py_func)
+_cnp_to_nchw_serial = geo.serial_twin(_cnp_to_nchw_kernel)
+_nchw_to_cnp_serial = geo.serial_twin(_nchw_to_cnp_kernel, fastmath={"reassoc"})
 
 
 def to_gemm_layout(a, name, want_sums=False, serial=False):
