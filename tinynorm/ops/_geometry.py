@@ -249,7 +249,14 @@ def serial_twin(kernel, **options):
                               f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
     twin.__doc__ = f.__doc__
-    return njit(nogil=True, cache=True, **options)(twin)
+    twin = njit(nogil=True, cache=True, **options)(twin)
+    _SERIAL_TWINS[kernel] = twin
+    return twin
+
+
+# parallel kernel -> its serial twin, which :func:`launch` runs when it runs a
+# kernel on one thread (the same loop without numba's parallel scheduler)
+_SERIAL_TWINS = {}
 
 
 _im2col_serial = serial_twin(_im2col_kernel)
@@ -280,7 +287,8 @@ def launch(kernel, n_iter, work, *args):
     """Run a ``parallel=True`` numba kernel whose prange has ``n_iter`` iterations.
 
     The policy is three settings of :mod:`tinynorm.config`.  It runs on the
-    calling thread only when the job is small (``work`` elements <
+    calling thread only (the kernel's :func:`serial_twin` if it has one, else
+    the kernel with numba at one thread) when the job is small (``work`` elements <
     ``parallel_min_work``: waking a second thread costs more than it saves)
     or when :func:`blas_workers_spin` says a second thread would fight
     OpenBLAS's spinning workers (``parallel_kernels="auto"``; True / False
@@ -296,6 +304,9 @@ def launch(kernel, n_iter, work, *args):
         parallel = not blas_workers_spin()
     if (n_threads == 1 or not parallel or work < settings.parallel_min_work
             or n_iter < 2):
+        twin = _SERIAL_TWINS.get(kernel)
+        if twin is not None:
+            return twin(*args)
         if n_threads == 1:
             return kernel(*args)
         numba.set_num_threads(1)
