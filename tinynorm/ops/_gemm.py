@@ -18,10 +18,10 @@ each on its own slice, with one join at the end:
 * :func:`matmul_nt_sum` -- ``a @ b.T`` for a long shared inner dimension,
   split along it (each thread's partial product summed at the end).
 
-Small products (under the ``split_min_flops`` setting of :mod:`tinynorm.config`
-multiply-adds) run on one BLAS thread.  The worker threads run each job in a
-copy of the caller's context, so the caller's ``config.using`` scope holds
-inside the jobs.
+Small products (fewer multiply-adds than the ``split_min_flops`` setting of
+:mod:`tinynorm.config`) run on one BLAS thread.  The worker threads run each
+job in a copy of the caller's context, so the caller's ``config.using`` scope
+holds inside the jobs.
 
 T is OpenBLAS's own thread count at the time of the call (so
 ``threadpoolctl.threadpool_limits`` still governs it); small products, T = 1,
