@@ -2,16 +2,20 @@
 
     python experiments/bench_conv_vs_torch.py [--batch 128] [--threads 2] [--repeat 3]
                                               [--torch-channels-last] [--only 3x3]
+                                              [--plans] [--winograd-tile 2] [--no-winograd]
 
 For each distinct convolution of ResNet-50 with the CIFAR stem at 3x32x32
 (width 1 unless ``--width``), it times one forward + backward (input and
 weight gradients; no input gradient for the stem) of ``tinynorm.ops.conv2d``
 and of PyTorch's ``torch.nn.functional.conv2d`` on the same float32 arrays,
 alternately, and keeps the fastest of ``--repeat`` runs of each.  It prints
-per shape: how many times the shape occurs in the network, the path tinynorm
-takes (winograd / im2col / 1x1 stacked / 1x1 gemm), both times, the ratio,
-and the shape's share of the network's total conv time, then the totals
-weighted by occurrence.  The totals are the convolution part of
+per shape: how many times the shape occurs in the network, the algorithm of
+tinynorm's plan (``tinynorm.ops.conv_plan``: winograd4 / winograd2 / im2col /
+pointwise, stacked or gemm), both times, the ratio, and the shape's share of
+the network's total conv time, then the totals weighted by occurrence.
+Every shape's whole plan (chunks and threads too) is printed first;
+``--plans`` prints only that (no PyTorch needed).  ``--winograd-tile`` and
+``--no-winograd`` run tinynorm under ``tinynorm.config.using(...)``.  The totals are the convolution part of
 ``bench_vs_torch.py``'s ResNet-50 step; this script says which shapes make
 up the difference.
 
@@ -33,8 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench_vs_torch.py
 import tinynorm  # noqa: E402,F401  first: sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
 import numpy as np  # noqa: E402
 
-from tinynorm import backend, ops  # noqa: E402
-from tinynorm.ops import conv as conv_mod  # noqa: E402
+from tinynorm import backend, config, ops  # noqa: E402
 
 
 def resnet50_convs(width=1.0, size=32):
@@ -57,13 +60,11 @@ def resnet50_convs(width=1.0, size=32):
     return shapes
 
 
-def tinynorm_path(x, w, k, stride, pad, h):
-    if conv_mod._use_winograd(x, w, (k, k), (stride, stride)):
-        return "winograd"
-    if conv_mod._is_pointwise((k, k), (stride, stride), (pad, pad)):
-        return ("1x1 stacked" if conv_mod._use_stacked(x.shape[1], w.shape[0], h * h)
-                else "1x1 gemm")
-    return "im2col"
+def plan_name(plan):
+    """The algorithm of a plan, with the 1x1 variant."""
+    if plan.algorithm == "pointwise":
+        return "1x1 stacked" if plan.stacked else "1x1 gemm"
+    return plan.algorithm
 
 
 def main():
@@ -75,7 +76,36 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--torch-channels-last", action="store_true")
     p.add_argument("--only", default="", help="substring of the shape label, e.g. 3x3")
+    p.add_argument("--plans", action="store_true",
+                   help="print tinynorm's plan for every shape and exit (no timing)")
+    p.add_argument("--winograd-tile", type=int, choices=(2, 4), default=None,
+                   help="tinynorm's Winograd tile (config winograd_tile; default 4)")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="tinynorm without Winograd (config winograd=False)")
     args = p.parse_args()
+    settings = {"winograd": False} if args.no_winograd else {}
+    if args.winograd_tile is not None:
+        settings["winograd_tile"] = args.winograd_tile
+    with config.using(**settings):
+        return run(args)
+
+
+def _shapes(args):
+    """(label, count, x shape, w shape, stride, pad) of the selected shapes."""
+    for (ci, co, k, s, pad, h), count in resnet50_convs(args.width).items():
+        label = f"{ci}->{co} {k}x{k}/{s} @{h}"
+        if not args.only or args.only in label:
+            yield label, count, (args.batch, ci, h, h), (co, ci, k, k), s, pad
+
+
+def run(args):
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(args.threads)
+    print(f"tinynorm plans (batch {args.batch}, width {args.width}, {args.threads} threads):")
+    for label, count, x_shape, w_shape, s, pad in _shapes(args):
+        print(f"  {label:<24} x{count:<2} {ops.conv_plan(x_shape, w_shape, s, pad)}")
+    if args.plans:
+        return 0
     try:
         import torch
         import torch.nn.functional as F
@@ -84,8 +114,7 @@ def main():
         return 0
     backend.tune_allocator()
     torch.set_num_threads(args.threads)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(args.threads)
+    threadpool_limits(args.threads)        # again, now with torch's libraries loaded
     import numba
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
@@ -94,14 +123,12 @@ def main():
           f"best of {args.repeat}")
     rng = np.random.default_rng(0)
     rows = []
-    for (ci, co, k, s, pad, h), count in resnet50_convs(args.width).items():
-        label = f"{ci}->{co} {k}x{k}/{s} @{h}"
-        if args.only and args.only not in label:
-            continue
-        x = rng.standard_normal((args.batch, ci, h, h)).astype(np.float32)
-        w = (rng.standard_normal((co, ci, k, k)) / np.sqrt(ci * k * k)).astype(np.float32)
+    for label, count, x_shape, w_shape, s, pad in _shapes(args):
+        ci, k = x_shape[1], w_shape[2]
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        w = (rng.standard_normal(w_shape) / np.sqrt(ci * k * k)).astype(np.float32)
         first = ci == 3
-        y, _ = ops.conv2d_forward(x, w, None, s, pad)
+        y, cache = ops.conv2d_forward(x, w, None, s, pad)
         dy = rng.standard_normal(y.shape).astype(np.float32)
 
         def tn():
@@ -124,7 +151,7 @@ def main():
         for _ in range(args.repeat):
             t0 = time.perf_counter(); tn(); t_tn.append(time.perf_counter() - t0)
             t0 = time.perf_counter(); th(); t_th.append(time.perf_counter() - t0)
-        rows.append((label, count, tinynorm_path(x, w, k, s, pad, h), min(t_tn), min(t_th)))
+        rows.append((label, count, plan_name(cache.plan), min(t_tn), min(t_th)))
         print(f"  {label:<24} x{count:<2} {rows[-1][2]:<12} tinynorm {1e3 * min(t_tn):8.1f} ms"
               f"  torch {1e3 * min(t_th):8.1f} ms  ratio {min(t_tn) / min(t_th):5.2f}",
               flush=True)

@@ -8,10 +8,12 @@ plain float32 ``numpy.matmul`` of the same GEMM shape (M x K @ K x N, both
 operands C-contiguous, preallocated output) measured in the same run, and the
 ratio conv / matmul.  The conv times include everything the op does (im2col,
 layout changes, bias, col2im, output allocation); the target is ratio >= 0.7.
-The 3x3 / stride-1 layers (conv2-conv7) run the Winograd F(4x4, 3x3) path,
+The 3x3 / stride-1 layers (conv2-conv7) run the Winograd F(4x4, 3x3) plan,
 which does 4x fewer multiply-adds than the direct count used for GF/s: their
 "conv GF/s" is an effective rate and can exceed the matmul's (ratio > 1).
-``--no-winograd`` times the im2col path for every layer.
+``--no-winograd`` times the im2col plan for every layer, ``--winograd-tile 2``
+F(2x2, 3x3) (both through ``tinynorm.config.using``).  Each layer's plan
+(``tinynorm.ops.conv_plan``) is printed before its rows.
 
 Each pass and its matmul are timed alternately, ``--repeat`` times, and the
 fastest of each is kept, so a neighbour process on the other core disturbs
@@ -24,7 +26,7 @@ otherwise spin for ~0.1 s after every GEMM and fight a second numba thread.
 Compare ``OPENBLAS_THREAD_TIMEOUT=4 python experiments/bench_ops.py``.
 
     python experiments/bench_ops.py [--batch 128] [--repeat 5] [--layers conv2,conv8]
-                                    [--no-winograd]
+                                    [--no-winograd] [--winograd-tile 2]
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinynorm import ops  # noqa: E402
+from tinynorm import config, ops  # noqa: E402
 
 # name, C_in, C_out, kernel, pad, input H=W   (paper Table 2; pools 3x3/2 pad 1)
 CIFAR10_NV_CONVS = [
@@ -51,6 +53,10 @@ CIFAR10_NV_CONVS = [
     ("conv8", 320, 320, 1, 0, 5),
     ("conv9", 320, 10, 1, 0, 5),
 ]
+
+
+# a 3x3 / stride-1 layer's shapes, for the header's name of its algorithm
+_CONV3X3 = ((128, 128, 28, 28), (128, 128, 3, 3), 1, 1)
 
 
 def _best_pair(fn_a, fn_b, repeat):
@@ -81,6 +87,7 @@ def bench_layer(name, c_in, c_out, k, pad, hw, batch, repeat, rng):
          / np.float32(np.sqrt(c_in * k * k)))
     b = np.zeros(c_out, np.float32)
     y, cache = ops.conv2d_forward(x, w, b, 1, pad)
+    print(f"{name}: {cache.plan}")
     dy = rng.standard_normal(y.shape, dtype=np.float32)
     kk, p_all = c_in * k * k, batch * y.shape[2] * y.shape[3]
     flops = 2.0 * c_out * kk * p_all
@@ -104,11 +111,18 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--layers", default="", help="comma-separated subset, e.g. conv2,conv8")
     parser.add_argument("--no-winograd", action="store_true",
-                        help="im2col for every layer (conv.WINOGRAD = False)")
+                        help="im2col for every layer (config winograd=False)")
+    parser.add_argument("--winograd-tile", type=int, choices=(2, 4), default=None,
+                        help="Winograd F(2x2, 3x3) or F(4x4, 3x3) (config winograd_tile)")
     args = parser.parse_args(argv)
-    if args.no_winograd:
-        from tinynorm.ops import conv as conv_mod
-        conv_mod.WINOGRAD = False
+    settings = {"winograd": False} if args.no_winograd else {}
+    if args.winograd_tile is not None:
+        settings["winograd_tile"] = args.winograd_tile
+    with config.using(**settings):
+        run(args)
+
+
+def run(args):
     wanted = set(filter(None, args.layers.split(",")))
     rng = np.random.default_rng(0)
 
@@ -121,7 +135,7 @@ def main(argv=None):
     print(f"numpy {np.__version__}, BLAS: {', '.join(blas) or '?'}, numba "
           f"{numba.__version__} ({numba.get_num_threads()} threads), batch {args.batch}, "
           f"float32, best of {args.repeat}, 3x3/stride-1 convs by "
-          f"{'im2col' if args.no_winograd else 'Winograd F(2x2,3x3)'}")
+          f"{'im2col' if not config.get('winograd') else ops.conv_plan(*_CONV3X3).algorithm}")
     print(f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', '(unset)')}: "
           f"numba kernels run on "
           f"{'1 thread' if spin else f'{numba.get_num_threads()} threads'}")

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from tinynorm import backend
+from tinynorm import backend, config
 from tinynorm.gradcheck import gradcheck
 from tinynorm.ops import _geometry as geo
 from tinynorm.ops import conv as conv_mod
@@ -101,17 +101,16 @@ def test_fast_conv_matches_reference(rng, shape, c_out, kernel, stride, pad, bia
 @pytest.mark.parametrize("shape,c_out,kernel,stride,pad,bias", REF_CONFIGS[:8],
                          ids=_ids(REF_CONFIGS[:8]))
 def test_generic_path_matches_reference(rng, shape, c_out, kernel, stride, pad, bias):
-    """The array-generic branch (the GPU fallback without cuDNN), run on NumPy."""
+    """The array-generic plan (the GPU fallback without cuDNN, and every CPU
+    conv with numba kernels off), run on NumPy."""
     x, w, b = _make(rng, shape, c_out, kernel, bias)
-    kernel_, stride_, pad_ = kernel, geo.pair(stride, "s", "t", minimum=1), geo.pair(
-        pad, "p", "t", minimum=0)
-    oh, ow = geo.window_geometry("t", x.shape, kernel_, stride_, pad_)
-    y = conv_mod._forward_generic(np, x, w, b, kernel_, stride_, pad_, oh, ow)
+    with config.using(use_numba=False):
+        y, cache = conv2d_forward(x, w, b, stride, pad)
+    assert cache.plan.algorithm == "generic"
     y_ref, cache_ref = conv2d_reference_forward(x, w, b, stride, pad)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal(y.shape)
-    grads = conv_mod._backward_generic(dy, x, w, bias, kernel_, stride_, pad_)
-    for g, g_ref in zip(grads, conv2d_reference_backward(dy, cache_ref)):
+    for g, g_ref in zip(conv2d_backward(dy, cache), conv2d_reference_backward(dy, cache_ref)):
         if g_ref is None:
             assert g is None
         else:
@@ -189,12 +188,11 @@ def test_results_do_not_alias_workspaces(rng):
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_parallel_and_serial_kernels_agree(rng, monkeypatch, parallel):
+def test_parallel_and_serial_kernels_agree(rng, parallel):
     """Force both launch modes (the default on this machine may be either)."""
-    monkeypatch.setattr(geo, "PARALLEL", parallel)
-    monkeypatch.setattr(geo, "PARALLEL_MIN_WORK", 0)
     x, w, b = _make(rng, (3, 5, 9, 7), 6, (3, 3), True)
-    y, cache = conv2d_forward(x, w, b, (2, 1), 1)
+    with config.using(parallel_kernels=parallel, parallel_min_work=0):
+        y, cache = conv2d_forward(x, w, b, (2, 1), 1)
     y_ref, cache_ref = conv2d_reference_forward(x, w, b, (2, 1), 1)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal(y.shape)
@@ -346,14 +344,14 @@ def test_gpu_conv_matches_cpu_reference(shape, c_out, kernel, stride, pad, bias)
 
 
 @pytest.mark.gpu
-def test_gpu_generic_fallback_matches_reference(monkeypatch):
+def test_gpu_generic_fallback_matches_reference():
     cp = backend.cupy
-    monkeypatch.setattr(conv_mod, "_cudnn", lambda: None)
     rng = np.random.default_rng(4)
     x, w, b = _make(rng, (2, 3, 7, 6), 4, (3, 3), True)
     y_ref, cache_ref = conv2d_reference_forward(x, w, b, 2, 1)
-    y, cache = conv2d_forward(cp.asarray(x), cp.asarray(w), cp.asarray(b), 2, 1)
-    assert cache[-1] == "generic"
+    with config.using(use_cudnn=False):
+        y, cache = conv2d_forward(cp.asarray(x), cp.asarray(w), cp.asarray(b), 2, 1)
+    assert cache.plan.algorithm == "generic"
     np.testing.assert_allclose(cp.asnumpy(y), y_ref, rtol=1e-10, atol=1e-10)
     dy = rng.standard_normal(y_ref.shape)
     for g, g_ref in zip(conv2d_backward(cp.asarray(dy), cache),

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from tinynorm import ops, selfcheck
+from tinynorm import config, ops, selfcheck
 from tinynorm.gradcheck import gradcheck
 from tinynorm.ops import batchnorm, layernorm, normprop, trelu, weightnorm
 
@@ -123,7 +123,7 @@ def test_fused_noncontiguous_input(rng):
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_selector(monkeypatch):
+def test_selector():
     big = np.random.default_rng(0).standard_normal((8, 16, 32, 32)).astype(np.float32)
     assert batchnorm.uses_fused_kernel(big)
     y, cache = ops.batch_norm_forward(big, None, None, 1e-5)
@@ -133,11 +133,14 @@ def test_selector(monkeypatch):
     assert not batchnorm.uses_fused_kernel(big.astype(np.float16))
     with pytest.raises(ValueError, match="4-D NumPy"):
         ops.batch_norm_forward_fused(big.reshape(8, -1), None, None, 1e-5)
-    monkeypatch.setattr(batchnorm, "FUSED_MIN_SIZE", 0)
-    assert ops.batch_norm_forward(big[:1, :2], None, None, 1e-5)[1].fused
-    monkeypatch.setattr(batchnorm, "USE_NUMBA", False)
-    assert not batchnorm.uses_fused_kernel(big)
-    assert not ops.batch_norm_forward(big, None, None, 1e-5)[1].fused
+    with config.using(bn_fused_min_size=0):
+        assert ops.batch_norm_forward(big[:1, :2], None, None, 1e-5)[1].fused
+    assert not ops.batch_norm_forward(big[:1, :2], None, None, 1e-5)[1].fused
+    with config.using(use_numba=False):
+        assert not batchnorm.uses_fused_kernel(big)
+        y_plain, cache = ops.batch_norm_forward(big, None, None, 1e-5)
+        assert not cache.fused
+    np.testing.assert_allclose(y_plain, y, rtol=1e-5, atol=1e-5)
 
 
 # -- batch norm invariants ---------------------------------------------------------

@@ -3,8 +3,8 @@ values against naive references, dtypes, argument errors."""
 import numpy as np
 import pytest
 
+from tinynorm import config
 from tinynorm.gradcheck import gradcheck
-from tinynorm.ops import _geometry as geo
 from tinynorm.ops import activations, dropout, linear, loss, pooling
 from tinynorm.ops.activations import relu_backward, relu_forward
 from tinynorm.ops.dropout import dropout_backward, dropout_forward
@@ -83,9 +83,12 @@ def test_relu_gradients(rng, shape):
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_relu_values_kink_and_nan(monkeypatch, parallel):
-    monkeypatch.setattr(geo, "PARALLEL", parallel)
-    monkeypatch.setattr(geo, "PARALLEL_MIN_WORK", 0)
+def test_relu_values_kink_and_nan(parallel):
+    with config.using(parallel_kernels=parallel, parallel_min_work=0):
+        _check_relu_values_kink_and_nan()
+
+
+def _check_relu_values_kink_and_nan():
     x = np.array([[-2.0, -0.0, 0.0, 3.0, np.nan, -np.inf, np.inf]] * 3, dtype=np.float32)
     y, cache = relu_forward(x)
     np.testing.assert_array_equal(y, np.maximum(x, 0))          # NaN propagates
@@ -151,29 +154,33 @@ def test_avg_pool_gradients(rng, shape, kernel, stride, pad):
 
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("shape,kernel,stride,pad", POOL_CONFIGS)
-def test_pool_fast_generic_and_naive_agree(monkeypatch, shape, kernel, stride, pad, parallel):
-    monkeypatch.setattr(geo, "PARALLEL", parallel)
-    monkeypatch.setattr(geo, "PARALLEL_MIN_WORK", 0)
+def test_pool_fast_generic_and_naive_agree(shape, kernel, stride, pad, parallel):
+    with config.using(parallel_kernels=parallel, parallel_min_work=0):
+        _check_pool_fast_generic_and_naive_agree(shape, kernel, stride, pad)
+
+
+def _check_pool_fast_generic_and_naive_agree(shape, kernel, stride, pad):
     rng = np.random.default_rng(11)
     x = _distinct(rng, shape)
     k, s, p, (oh, ow) = pooling._check_args("t", x, kernel, stride, pad)
     dy = rng.standard_normal((shape[0], shape[1], oh, ow))
+    with config.using(use_numba=False):       # the array-generic versions
+        y_gen, cache_gen = max_pool2d_forward(x, kernel, stride, pad)
+        ya_gen, cachea_gen = avg_pool2d_forward(x, kernel, stride, pad)
+    assert cache_gen[0] == "generic" and cachea_gen[0] == "generic"
     # max
     y, cache = max_pool2d_forward(x, kernel, stride, pad)
+    assert cache[0] == "numba"
     np.testing.assert_array_equal(y, _naive_pool(x, k, s, p, "max"))
-    y_gen, arg_gen = pooling._max_forward_generic(x, k, s, p, oh, ow)
     np.testing.assert_array_equal(y_gen, y)
     np.testing.assert_allclose(max_pool2d_backward(dy, cache)[0],
-                               pooling._max_backward_generic(dy, arg_gen, x.shape, k, s, p),
-                               rtol=1e-14, atol=1e-14)
+                               max_pool2d_backward(dy, cache_gen)[0], rtol=1e-14, atol=1e-14)
     # avg
     y, cache = avg_pool2d_forward(x, kernel, stride, pad)
     np.testing.assert_allclose(y, _naive_pool(x, k, s, p, "avg"), rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(pooling._avg_forward_generic(x, k, s, p, oh, ow), y,
-                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(ya_gen, y, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(avg_pool2d_backward(dy, cache)[0],
-                               pooling._avg_backward_generic(dy, x.shape, k, s, p),
-                               rtol=1e-13, atol=1e-13)
+                               avg_pool2d_backward(dy, cachea_gen)[0], rtol=1e-13, atol=1e-13)
 
 
 def test_max_pool_padding_is_minus_infinity_and_ties_go_to_the_first():

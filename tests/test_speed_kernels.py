@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from tinynorm import backend, ops
+from tinynorm import backend, config, ops
 from tinynorm.ops import _gemm
 
 
@@ -13,8 +13,8 @@ def rel_error(a, b):
 
 @pytest.fixture
 def force_split(monkeypatch):
-    """Split every product, on two BLAS threads."""
-    monkeypatch.setattr(_gemm, "SPLIT_MIN_FLOPS", 0)
+    """Split every product, on two BLAS threads; yields the list of the
+    thread counts of the splits that ran (observed, not selected, by a spy)."""
     calls = []
     run_split = _gemm._run_split
 
@@ -22,7 +22,7 @@ def force_split(monkeypatch):
         calls.append(len(jobs))
         return run_split(jobs, n_threads)
     monkeypatch.setattr(_gemm, "_run_split", spy)
-    with threadpool_limits(2, user_api="blas"):
+    with threadpool_limits(2, user_api="blas"), config.using(split_min_flops=0):
         yield calls
 
 
@@ -111,25 +111,22 @@ def test_tune_allocator_is_idempotent():
     ((3, 4, 9, 9), 5, 1, 1, 0, False),      # 1x1, stacked path
 ])
 @pytest.mark.parametrize("pipeline", [False, True])
-def test_conv_batch_chunks_match_reference(monkeypatch, rng, chunk_bytes, shape, c_out,
-                                           kernel, stride, pad, bias, pipeline):
+def test_conv_batch_chunks_match_reference(rng, chunk_bytes, shape, c_out, kernel, stride,
+                                           pad, bias, pipeline):
     """Chunks of 1 sample, of a few samples (uneven), and the whole batch; on
     the calling thread, and (pipeline) on two threads with the serial kernels."""
-    from tinynorm.ops import conv
-    monkeypatch.setattr(conv, "COL_CHUNK_BYTES", chunk_bytes)
+    settings = dict(conv_chunk_bytes=chunk_bytes)
     if pipeline:
-        monkeypatch.setattr(_gemm, "SPLIT_MIN_FLOPS", 0)
+        settings["split_min_flops"] = 0
         stack = threadpool_limits(2, user_api="blas")
     else:
         stack = threadpool_limits(None)
-    with stack:
-        _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias)
-        if pipeline:
-            x = np.zeros(shape)
-            w = np.zeros((c_out, shape[1], kernel, kernel))
-            oh = (shape[2] + 2 * pad - kernel) // stride + 1
-            ow = (shape[3] + 2 * pad - kernel) // stride + 1
-            assert len(conv._chunk_groups(x, w, oh, ow)) == 2
+    with stack, config.using(**settings):
+        plan = _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias)
+    if pipeline:
+        assert plan.threads == 2
+    if chunk_bytes == 1:                    # every sample its own chunk
+        assert plan.n_chunks == shape[0]
 
 
 def _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias):
@@ -149,21 +146,36 @@ def _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias):
     assert rel_error(ops.conv2d_backward_data(dy, cache), want[0]) < 1e-13
     dw, db = ops.conv2d_backward_filter(dy, cache)
     assert rel_error(dw, want[1]) < 1e-13
+    return cache.plan
 
 
-def test_batch_chunks_cover_the_batch(monkeypatch):
-    from tinynorm.ops import conv
-    from tinynorm.ops.conv import _batch_chunks
-    monkeypatch.setattr(conv, "COL_CHUNK_BYTES", 32 << 20)
-    for n, per_sample in [(128, 3 << 20), (7, 1), (5, 1 << 40), (1, 10)]:
-        chunks = _batch_chunks(n, per_sample)
-        assert chunks[0][0] == 0 and chunks[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-        sizes = [e - s for s, e in chunks]
-        assert max(sizes) - min(sizes) <= 1
-    for n, per_sample, threads, count in [(128, 3 << 20, 2, 14), (128, 1, 2, 2), (3, 1, 2, 2),
-                                          (5, 1 << 40, 2, 5)]:
-        assert len(_batch_chunks(n, per_sample, min_count=threads)) == count
+@pytest.mark.parametrize("n,cap_samples,threads", [(128, 10, 1), (128, 10, 2), (7, 100, 2),
+                                                   (5, 0, 2), (1, 3, 1), (3, 100, 2)])
+def test_batch_chunks_cover_the_batch(n, cap_samples, threads):
+    """The plan's chunks: consecutive, covering the batch, sizes within 1 of
+    each other, under the byte cap when a sample fits in it, a multiple of
+    the thread count when the batch allows, grouped contiguously per thread."""
+    x_shape, w_shape = (n, 8, 6, 6), (4, 8, 3, 3)          # im2col, stride 2 -> 3x3
+    per_sample = 8 * 9 * 3 * 3 * 8                          # K rows of OH*OW float64
+    cap = max(1, cap_samples * per_sample)
+    with config.using(conv_chunk_bytes=cap, conv_threads=threads):
+        plan = ops.conv_plan(x_shape, w_shape, 2, 1, np.float64)
+    assert plan.algorithm == "im2col"
+    chunks = plan.chunks()
+    assert len(chunks) == plan.n_chunks
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    sizes = [e - s for s, e in chunks]
+    assert max(sizes) - min(sizes) <= 1
+    if cap_samples >= 1:
+        assert max(sizes) * per_sample <= cap
+    else:
+        assert max(sizes) == 1                  # a sample over the cap: one per chunk
+    if n >= threads:
+        assert plan.threads == threads
+        assert plan.n_chunks % threads == 0 or plan.n_chunks == n
+    groups = plan.chunk_groups()
+    assert len(groups) == plan.threads and sum(groups, []) == chunks
 
 
 def test_small_products_on_one_blas_thread(monkeypatch, rng):
@@ -196,3 +208,40 @@ def test_import_sets_passive_openmp_waiting_unless_the_user_chose(preset, expect
                           "import os, tinynorm; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_serial_twins_do_not_share_their_kernels_cache(tmp_path):
+    """In a fresh numba cache, compiling a parallel kernel must not give its
+    serial twin a cache hit (a hit would mean the twin runs the kernel's
+    parallel code, or the kernel the twin's serial code, whichever came first)."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import numpy as np
+from tinynorm.ops import _geometry as geo
+x = np.zeros((2, 3, 5, 5), np.float32)
+col = np.empty(3 * 9 * 2 * 25, np.float32)
+args = (x.reshape(-1), 2, 3, 5, 5, 3, 3, 1, 1, 1, 1, 5, 5, col)
+geo._im2col_kernel(*args)
+geo._im2col_serial(*args)
+print(sum(geo._im2col_kernel.stats.cache_hits.values()),
+      sum(geo._im2col_serial.stats.cache_hits.values()))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
+                                 text=True, timeout=300, check=True).stdout.split()
+    assert run() == ["0", "0"]          # fresh cache: each compiled on its own
+    assert run() == ["1", "1"]          # and each found its own entry next time
+
+
+def test_every_serial_twin_is_compiled_from_its_own_function():
+    from tinynorm.ops import _geometry
+    from tinynorm.ops.conv import _winograd2, _winograd4, pipeline
+    twins = [getattr(m, name) for m in (_geometry, _winograd2, _winograd4, pipeline)
+             for name in dir(m) if name.endswith("_serial")]
+    assert len(twins) == 12
+    for twin in twins:
+        assert twin.py_func.__qualname__.endswith("_kernel_serial")

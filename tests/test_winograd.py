@@ -5,15 +5,13 @@ differences, and their threaded pipeline to the plain one."""
 import numpy as np
 import pytest
 
+from tinynorm import config
 from tinynorm.gradcheck import gradcheck
-from tinynorm.ops import _gemm
-from tinynorm.ops import _geometry as geo
-from tinynorm.ops import _winograd as wg2
-from tinynorm.ops import _winograd4 as wg4
-from tinynorm.ops import conv as conv_mod
+from tinynorm.ops.conv import _winograd2 as wg2
+from tinynorm.ops.conv import _winograd4 as wg4
 from tinynorm.ops.conv import (conv2d_backward, conv2d_backward_data, conv2d_backward_filter,
                                conv2d_forward, conv2d_reference_backward,
-                               conv2d_reference_forward)
+                               conv2d_reference_forward, conv_plan)
 
 # (N, C, H, W), C_out, pad, bias -- all 3x3 / stride 1 with >= 16 channels
 CONFIGS = [
@@ -48,10 +46,10 @@ F32_BOUND = {2: 2e-6, 4: 1e-5}
 
 
 @pytest.fixture(params=[2, 4], ids=["F2", "F4"], autouse=True)
-def tile(request, monkeypatch):
+def tile(request):
     """Every test of this module runs once per Winograd variant."""
-    monkeypatch.setattr(conv_mod, "WINOGRAD_TILE", request.param)
-    return request.param
+    with config.using(winograd_tile=request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -60,34 +58,21 @@ def wg(tile):
 
 
 @pytest.fixture
-def spy(monkeypatch):
-    """Counts calls of the Winograd forward and backward."""
-    calls = {"forward": 0, "backward": 0}
-    fwd, bwd = conv_mod._forward_winograd, conv_mod._backward_winograd
-
-    def forward(*a, **k):
-        calls["forward"] += 1
-        return fwd(*a, **k)
-
-    def backward(*a, **k):
-        calls["backward"] += 1
-        return bwd(*a, **k)
-    monkeypatch.setattr(conv_mod, "_forward_winograd", forward)
-    monkeypatch.setattr(conv_mod, "_backward_winograd", backward)
-    return calls
+def algorithm(tile):
+    """The plan name of this variant."""
+    return f"winograd{tile}"
 
 
 @pytest.mark.parametrize("shape,c_out,pad,bias", CONFIGS, ids=_ids(CONFIGS))
-def test_winograd_matches_direct_convolution(rng, spy, shape, c_out, pad, bias):
+def test_winograd_matches_direct_convolution(rng, algorithm, shape, c_out, pad, bias):
     x, w, b = _make(rng, shape, c_out, bias)
     y, cache = conv2d_forward(x, w, b, 1, pad)
     y_ref, cache_ref = conv2d_reference_forward(x, w, b, 1, pad)
-    assert spy["forward"] == 1
+    assert cache.plan.algorithm == algorithm
     assert y.shape == y_ref.shape and y.flags.c_contiguous
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     dy = rng.standard_normal(y.shape)
     dx, dw, db = conv2d_backward(dy, cache)
-    assert spy["backward"] == 1
     dx_ref, dw_ref, db_ref = conv2d_reference_backward(dy, cache_ref)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
@@ -127,50 +112,51 @@ def test_winograd4_float32_bound_holds_at_a_wide_fan_in(rng, tile):
     assert np.abs(y - y_ref).max() <= F32_BOUND[tile] * np.abs(y_ref).max()
 
 
-def test_winograd_gradients_match_finite_differences(rng, spy):
+def test_winograd_gradients_match_finite_differences(rng, algorithm):
     x, w, b = _make(rng, (2, 16, 5, 4), 16, True)
+    assert conv_plan(x.shape, w.shape, 1, 1, x.dtype).algorithm == algorithm
     results = gradcheck(conv2d_forward, conv2d_backward, x, w, b, 1, 1,
                         names=("x", "w", "b", "stride", "pad"))
-    assert spy["forward"] >= 1 and spy["backward"] >= 1
     assert [r.name for r in results] == ["x", "w", "b"]
     assert all(r.passed and r.max_rel_error <= 1e-6 for r in results)
 
 
-def test_switch_and_thresholds_select_the_path(rng, spy, monkeypatch):
+def test_switch_and_thresholds_select_the_path(rng, algorithm):
     x, w, b = _make(rng, (2, 16, 6, 6), 16, True)
-    monkeypatch.setattr(conv_mod, "WINOGRAD", False)
-    y_im2col, _ = conv2d_forward(x, w, b, 1, 1)
-    assert spy["forward"] == 0
-    monkeypatch.setattr(conv_mod, "WINOGRAD", True)
-    y_wino, _ = conv2d_forward(x, w, b, 1, 1)
-    assert spy["forward"] == 1
+    with config.using(winograd=False):
+        y_im2col, cache = conv2d_forward(x, w, b, 1, 1)
+    assert cache.plan.algorithm == "im2col"
+    y_wino, cache = conv2d_forward(x, w, b, 1, 1)
+    assert cache.plan.algorithm == algorithm
     np.testing.assert_allclose(y_wino, y_im2col, rtol=1e-12, atol=1e-12)
-    # not used: too few channels, stride 2, 5x5 kernel
-    conv2d_forward(*_make(rng, (2, 3, 6, 6), 16, True), 1, 1)
-    conv2d_forward(x, w, b, 2, 1)
-    conv2d_forward(x, *_make(rng, (2, 16, 6, 6), 16, True)[1:], 1, 1)   # same shapes again
-    assert spy["forward"] == 2
-    w5 = rng.standard_normal((16, 16, 5, 5))
-    conv2d_forward(x, w5, None, 1, 2)
-    assert spy["forward"] == 2
+    # not used: too few input channels, stride 2, 5x5 kernel, too few output channels
+    assert conv_plan((2, 3, 6, 6), (16, 3, 3, 3), 1, 1).algorithm == "im2col"
+    assert conv_plan(x.shape, w.shape, 2, 1).algorithm == "im2col"
+    assert conv_plan(x.shape, (16, 16, 5, 5), 1, 2).algorithm == "im2col"
+    assert conv_plan(x.shape, (15, 16, 3, 3), 1, 1).algorithm == "im2col"
+    # the threshold is a setting
+    with config.using(winograd_min_channels=3):
+        assert conv_plan((2, 3, 6, 6), (16, 3, 3, 3), 1, 1).algorithm == algorithm
+    with config.using(winograd_min_channels=17):
+        assert conv_plan(x.shape, w.shape, 1, 1).algorithm == "im2col"
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_threaded_pipeline_and_kernels_agree(rng, monkeypatch, parallel):
+def test_threaded_pipeline_and_kernels_agree(rng, parallel):
     """Many small chunks on two threads (the serial kernels), and the parallel
     kernels on the calling thread, against the im2col path."""
     x, w, b = _make(rng, (6, 16, 9, 8), 24, True)
     dy = rng.standard_normal((6, 24, 9, 8))
-    monkeypatch.setattr(conv_mod, "WINOGRAD", False)
-    y0, c0 = conv2d_forward(x, w, b, 1, 1)
+    with config.using(winograd=False):
+        y0, c0 = conv2d_forward(x, w, b, 1, 1)
     g0 = conv2d_backward(dy, c0)
-    monkeypatch.setattr(conv_mod, "WINOGRAD", True)
-    monkeypatch.setattr(geo, "PARALLEL", parallel)
-    monkeypatch.setattr(geo, "PARALLEL_MIN_WORK", 0)
+    # one sample per chunk on two pipeline threads, or the parallel kernels
+    pipeline = dict(winograd_chunk_bytes=1, conv_threads=2) if not parallel else {}
+    with config.using(parallel_kernels=parallel, parallel_min_work=0, **pipeline):
+        y1, c1 = conv2d_forward(x, w, b, 1, 1)
     if not parallel:
-        monkeypatch.setattr(conv_mod, "WINOGRAD_CHUNK_BYTES", 1)  # one sample per chunk
-        monkeypatch.setattr(_gemm, "threads_for", lambda *a, **k: 2)
-    y1, c1 = conv2d_forward(x, w, b, 1, 1)
+        assert (c1.plan.threads, c1.plan.n_chunks) == (2, 6)
+        assert [len(group) for group in c1.plan.chunk_groups()] == [3, 3]
     np.testing.assert_allclose(y1, y0, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(conv2d_backward(dy, c1), g0):
         np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
@@ -254,8 +240,7 @@ def test_k_slices_avoid_4k_aliasing(wg):
     assert v.shape == (wg.SLICES, 5, 7) and v[3].flags.c_contiguous
 
 
-def test_bad_tile_setting_is_named(rng, monkeypatch):
-    monkeypatch.setattr(conv_mod, "WINOGRAD_TILE", 3)
-    x, w, b = _make(rng, (2, 16, 6, 6), 16, True)
-    with pytest.raises(ValueError, match="WINOGRAD_TILE must be 2 or 4"):
-        conv2d_forward(x, w, b, 1, 1)
+def test_bad_tile_setting_is_named():
+    with pytest.raises(ValueError, match="winograd_tile must be 2 or 4; got 3"):
+        with config.using(winograd_tile=3):
+            pass

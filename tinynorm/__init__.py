@@ -19,3 +19,5 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+from . import config  # noqa: E402,F401  the scoped settings: tinynorm.config.using(...)

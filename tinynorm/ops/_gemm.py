@@ -18,7 +18,10 @@ each on its own slice, with one join at the end:
 * :func:`matmul_nt_sum` -- ``a @ b.T`` for a long shared inner dimension,
   split along it (each thread's partial product summed at the end).
 
-Small products (under ``SPLIT_MIN_FLOPS`` multiply-adds) run on one BLAS thread.
+Small products (fewer multiply-adds than the ``split_min_flops`` setting of
+:mod:`tinynorm.config`) run on one BLAS thread.  The worker threads run each
+job in a copy of the caller's context, so the caller's ``config.using`` scope
+holds inside the jobs.
 
 T is OpenBLAS's own thread count at the time of the call (so
 ``threadpoolctl.threadpool_limits`` still governs it); small products, T = 1,
@@ -27,16 +30,18 @@ While a split call runs, OpenBLAS is set to one thread process-wide.
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["matmul", "matmul_nt_sum", "SPLIT_MIN_FLOPS", "blas_threads", "threads_for",
-           "run_threads"]
+from .. import config
 
-# Below this many multiply-adds a split costs more (thread hand-off ~50 us) than it saves.
-SPLIT_MIN_FLOPS = 1 << 24
+__all__ = ["matmul", "matmul_nt_sum", "blas_threads", "threads_for", "run_threads"]
+
+# The default split_min_flops, 1 << 24: below it a split costs more (thread
+# hand-off ~50 us) than it saves.
 
 _lock = threading.Lock()
 _state = {"lib": None, "checked": False, "pool": None, "pool_size": 0}
@@ -85,7 +90,10 @@ def _run_split(jobs, n_threads):
         previous = lib.get_num_threads()
         lib.set_num_threads(1)
         try:
-            futures = [_pool(n_threads).submit(job) for job in jobs[1:]]
+            # each job in its own copy of this context (one Context cannot be
+            # entered by two threads at once): the caller's settings hold there
+            futures = [_pool(n_threads).submit(contextvars.copy_context().run, job)
+                       for job in jobs[1:]]
             first = jobs[0]()         # the calling thread takes the first slice
             return [first] + [f.result() for f in futures]
         finally:
@@ -122,15 +130,20 @@ def run_threads(jobs):
     return _run_split(jobs, len(jobs))
 
 
-def threads_for(*arrays, flops):
-    """How many threads a split of this much work (multiply-adds) should use:
-    OpenBLAS's thread count, or 1 for small work, non-float arrays, no
+def threads_for(flops):
+    """How many threads a split of this much work (multiply-adds) on NumPy
+    float arrays should use: OpenBLAS's thread count, or 1 for small work, no
     OpenBLAS, or a call made while another split runs."""
-    return _split_threads(*arrays, flops=flops)
+    if flops < config.current().split_min_flops:
+        return 1
+    n = blas_threads()
+    if n > 1 and _lock.locked():      # called from inside a split (or another thread's)
+        return 1
+    return n
 
 
 def _split_threads(*arrays, flops):
-    if flops < SPLIT_MIN_FLOPS:
+    if flops < config.current().split_min_flops:
         return 1
     if not all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in arrays):
         return 1
@@ -155,7 +168,7 @@ def matmul(a, b, out=None):
     threads = _split_threads(a, b, flops=m * n * k)
     axis = 1 if b.ndim == 2 else 0
     if threads == 1 or b.shape[axis] < 2 * threads:
-        if m * n * k < SPLIT_MIN_FLOPS:
+        if m * n * k < config.current().split_min_flops:
             return _single_threaded(lambda: np.matmul(a, b, out=out))
         return np.matmul(a, b, out=out)
     if out is None:
@@ -178,7 +191,7 @@ def matmul_nt_sum(a, b):
     n = b.shape[0]
     threads = _split_threads(a, b, flops=m * n * length)
     if threads == 1 or length < 2 * threads:
-        if m * n * length < SPLIT_MIN_FLOPS:
+        if m * n * length < config.current().split_min_flops:
             return _single_threaded(lambda: np.matmul(a, b.T))
         return np.matmul(a, b.T)
     # each slice as (b_s @ a_s.T).T: OpenBLAS handles this orientation better

@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import numbers
 import os
+import types
 
 import numba
 import numpy as np
 from numba import njit, prange, uint64
 
-from .. import backend
+from .. import backend, config
 
 __all__ = [
     "pair", "conv_outsize", "window_geometry", "im2col", "col2im",
     "im2col_reference", "col2im_reference", "FAST_DTYPES", "launch",
-    "blas_workers_spin",
+    "blas_workers_spin", "numba_ok", "serial_twin",
 ]
 
 # The dtypes the numba kernels are compiled for.
@@ -229,19 +230,37 @@ def _col2im_kernel(col, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, x
                             x[dst + t * step] += col[src + t]
 
 
-# Single-threaded twins of the two kernels (``prange`` runs as ``range``), which
-# release the GIL: conv2d's batch pipeline runs one per Python thread, each on
-# its own chunk of samples (see ``conv.py``).
-_im2col_serial = njit(nogil=True, cache=True)(_im2col_kernel.py_func)
-_col2im_serial = njit(nogil=True, cache=True)(_col2im_kernel.py_func)
+def serial_twin(kernel, **options):
+    """The single-threaded twin of the ``parallel=True`` numba ``kernel``
+    (``prange`` runs as ``range``), which releases the GIL: conv2d's batch
+    pipeline runs one per Python thread, each on its own chunk of samples
+    (see ``conv/pipeline.py``).  ``options``: further ``njit`` options
+    (e.g. the kernel's ``fastmath``).
+
+    The twin is compiled from a copy of the kernel's Python function named
+    ``<name>_serial``.  numba names a function's on-disk cache after its
+    qualified name and first line, and keys the entries by signature and
+    bytecode, not by compile options: a twin made from the very same function
+    shares the kernel's cache entry, and both then run whichever of the two
+    was compiled first.
+    """
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                              f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f.__doc__
+    twin = njit(nogil=True, cache=True, **options)(twin)
+    _SERIAL_TWINS[kernel] = twin
+    return twin
 
 
-# Launch policy for the parallel kernels (see :func:`launch`).
-PARALLEL_MIN_WORK = 1 << 18     # elements touched; below this, run on one thread
-CHUNKS_PER_THREAD = 4           # dynamic schedule granularity; 0 = numba's static split
-# "auto": parallel only when BLAS worker threads go to sleep promptly (below);
-# True / False force it.
-PARALLEL = "auto"
+# parallel kernel -> its serial twin, which :func:`launch` runs when it runs a
+# kernel on one thread (the same loop without numba's parallel scheduler)
+_SERIAL_TWINS = {}
+
+
+_im2col_serial = serial_twin(_im2col_kernel)
+_col2im_serial = serial_twin(_col2im_kernel)
 
 
 def blas_workers_spin() -> bool:
@@ -267,17 +286,27 @@ def blas_workers_spin() -> bool:
 def launch(kernel, n_iter, work, *args):
     """Run a ``parallel=True`` numba kernel whose prange has ``n_iter`` iterations.
 
-    Runs on the calling thread only when the job is small (``work`` elements
-    < ``PARALLEL_MIN_WORK``: waking a second thread costs more than it saves)
+    The policy is three settings of :mod:`tinynorm.config`.  It runs on the
+    calling thread only (the kernel's :func:`serial_twin` if it has one, else
+    the kernel with numba at one thread) when the job is small (``work`` elements <
+    ``parallel_min_work``: waking a second thread costs more than it saves)
     or when :func:`blas_workers_spin` says a second thread would fight
-    OpenBLAS's spinning workers (``PARALLEL = "auto"``).  Otherwise it uses a
-    dynamic schedule in chunks of about ``n_iter / (CHUNKS_PER_THREAD *
-    threads)`` iterations, so that a thread slowed down by a competing process
-    takes fewer chunks instead of holding up the whole kernel.
+    OpenBLAS's spinning workers (``parallel_kernels="auto"``; True / False
+    force it).  Otherwise it uses a dynamic schedule in chunks of about
+    ``n_iter / (chunks_per_thread * threads)`` iterations, so that a thread
+    slowed down by a competing process takes fewer chunks instead of holding
+    up the whole kernel (``chunks_per_thread=0``: numba's static split).
     """
+    settings = config.current()
     n_threads = numba.get_num_threads()
-    parallel = PARALLEL if PARALLEL != "auto" else not blas_workers_spin()
-    if n_threads == 1 or not parallel or work < PARALLEL_MIN_WORK or n_iter < 2:
+    parallel = settings.parallel_kernels
+    if parallel == "auto":
+        parallel = not blas_workers_spin()
+    if (n_threads == 1 or not parallel or work < settings.parallel_min_work
+            or n_iter < 2):
+        twin = _SERIAL_TWINS.get(kernel)
+        if twin is not None:
+            return twin(*args)
         if n_threads == 1:
             return kernel(*args)
         numba.set_num_threads(1)
@@ -285,14 +314,20 @@ def launch(kernel, n_iter, work, *args):
             return kernel(*args)
         finally:
             numba.set_num_threads(n_threads)
-    if CHUNKS_PER_THREAD <= 0:
+    if settings.chunks_per_thread <= 0:
         return kernel(*args)
-    with numba.parallel_chunksize(max(1, n_iter // (CHUNKS_PER_THREAD * n_threads))):
+    with numba.parallel_chunksize(max(1, n_iter // (settings.chunks_per_thread * n_threads))):
         return kernel(*args)
 
 
 def _fast_ok(*arrays):
     return all(isinstance(a, np.ndarray) and a.dtype in FAST_DTYPES for a in arrays)
+
+
+def numba_ok(*arrays):
+    """True when the numba kernels may run on ``arrays``: NumPy float32 /
+    float64 arrays, with the ``use_numba`` setting on."""
+    return config.current().use_numba and _fast_ok(*arrays)
 
 
 def im2col(x, kernel, stride, pad, out=None, serial=False):

@@ -1,9 +1,11 @@
 """ReLU: y = max(x, 0).
 
 NumPy float32/float64 arrays run a numba kernel (one pass, launched through
-``_geometry.launch``); other arrays (CuPy) use ``xp.maximum``.  NaN inputs
-propagate to the output, as with ``numpy.maximum``, so a diverging network
-still shows NaN downstream.
+``_geometry.launch``); other arrays (CuPy), and every array with the
+``use_numba`` setting off (:mod:`tinynorm.config`), use ``xp.maximum`` and
+``xp.where``, which compute the same values (so the backward needs no record
+of which the forward ran).  NaN inputs propagate to the output, as with
+``numpy.maximum``, so a diverging network still shows NaN downstream.
 """
 from __future__ import annotations
 
@@ -29,10 +31,6 @@ def _relu_backward_kernel(dy, y, dx):
         dx[i] = dy[i] if y[i] > 0 else 0
 
 
-def _fast(*arrays):
-    return all(isinstance(a, np.ndarray) and a.dtype in geo.FAST_DTYPES for a in arrays)
-
-
 def relu_forward(x):
     """y = max(x, 0), elementwise.
 
@@ -43,7 +41,7 @@ def relu_forward(x):
         raise ValueError(f"relu: x must be a NumPy or CuPy array; got {type(x).__name__}")
     if x.dtype.kind != "f":
         raise ValueError(f"relu: x must be a floating-point array; got dtype {x.dtype}")
-    if _fast(x):
+    if geo.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty_like(x)
         geo.launch(_relu_kernel, x.size, x.size, x.reshape(-1), y.reshape(-1))
@@ -62,7 +60,7 @@ def relu_backward(dy, cache):
     if tuple(dy.shape) != tuple(y.shape):
         raise ValueError(f"relu_backward: dy has shape {tuple(dy.shape)}, expected "
                          f"{tuple(y.shape)} (the forward output's shape)")
-    if _fast(dy, y) and dy.dtype == y.dtype:
+    if geo.numba_ok(dy, y) and dy.dtype == y.dtype:
         dy = np.ascontiguousarray(dy)
         dx = np.empty_like(dy)
         geo.launch(_relu_backward_kernel, dy.size, dy.size, dy.reshape(-1), y.reshape(-1),

@@ -22,22 +22,23 @@ are shared.  Internally every input is viewed as (G, k, C, S) with S = H*W
 m = k * S values.
 
 Speed.  On CPU, for NumPy float32/float64 4-D arrays of at least
-``FUSED_MIN_SIZE`` elements, ``batch_norm_forward`` and ``batch_norm_backward``
-run fused numba kernels (``_bn_numba``; two passes over the data each, float64
-accumulators, parallel over channels; the backward follows the forward's
-choice).  Every other case -- CuPy arrays, 2-D input (where NumPy's
-reductions over axis 0 are already contiguous), small arrays, numba missing or
-``USE_NUMBA = False`` -- runs the plain array code.  Both are public for
+``bn_fused_min_size`` elements (a setting of :mod:`tinynorm.config`),
+``batch_norm_forward`` and ``batch_norm_backward`` run fused numba kernels
+(``_bn_numba``; two passes over the data each, float64 accumulators, parallel
+over channels; the backward follows the forward's choice).  Every other case
+-- CuPy arrays, 2-D input (where NumPy's reductions over axis 0 are already
+contiguous), small arrays, numba missing or the ``use_numba`` setting off
+(``config.using(use_numba=False)``, or ``TINYNORM_NO_NUMBA=1``) -- runs the
+plain array code.  Both are public for
 tests and benchmarks: ``batch_norm_forward_reference`` /
 ``batch_norm_backward_reference`` and ``batch_norm_forward_fused`` /
 ``batch_norm_backward_fused``.  :func:`uses_fused_kernel` is the one selector.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from .. import config
 from ..backend import get_array_module
 
 __all__ = [
@@ -51,14 +52,11 @@ __all__ = [
     "batch_renorm_forward", "batch_renorm_backward",
 ]
 
-# Set to False (or set the environment variable TINYNORM_NO_NUMBA=1) to force
-# the plain array code everywhere.
-USE_NUMBA = os.environ.get("TINYNORM_NO_NUMBA", "") in ("", "0")
-# Below this many elements the plain NumPy code is as fast as the kernels and a
-# parallel launch costs more: ~15 us on an idle machine, but milliseconds when
-# another process holds the other core and the worker thread waits for a time
-# slice (measured on the 2-core development machine).
-FUSED_MIN_SIZE = 1 << 16
+# The default bn_fused_min_size, 1 << 16: below it the plain NumPy code is as
+# fast as the kernels and a parallel launch costs more -- ~15 us on an idle
+# machine, but milliseconds when another process holds the other core and the
+# worker thread waits for a time slice (measured on the 2-core development
+# machine).
 
 
 # -- shared helpers --------------------------------------------------------------
@@ -179,9 +177,11 @@ def fused_kernel_available(x) -> bool:
 
 def uses_fused_kernel(x) -> bool:
     """The one selector: True when ``batch_norm_forward`` on ``x`` runs the numba
-    kernels -- :func:`fused_kernel_available`, ``USE_NUMBA`` true and at least
-    ``FUSED_MIN_SIZE`` elements."""
-    return USE_NUMBA and getattr(x, "size", 0) >= FUSED_MIN_SIZE and fused_kernel_available(x)
+    kernels -- :func:`fused_kernel_available`, and in :mod:`tinynorm.config`
+    ``use_numba`` on and at least ``bn_fused_min_size`` elements."""
+    settings = config.current()
+    return (settings.use_numba and getattr(x, "size", 0) >= settings.bn_fused_min_size
+            and fused_kernel_available(x))
 
 
 def batch_norm_forward(x, gamma, beta, eps, chunk=None):

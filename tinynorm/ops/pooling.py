@@ -21,9 +21,11 @@ alone receives the gradient.  NaN inputs propagate to the output.
 
 NumPy float32/float64 input runs numba kernels, one ``prange`` over the N*C
 planes (each plane belongs to one thread, so the backward scatter has no
-races; the inner loops run along output columns).  Other arrays (CuPy) use
+races; the inner loops run along output columns).  Other arrays (CuPy), and
+every array with the ``use_numba`` setting off (:mod:`tinynorm.config`), use
 the array-generic version: a Python loop over the kh*kw kernel offsets of
-strided-slice operations.  The tests hold the two equal.
+strided-slice operations.  The cache records which ran, and the backward
+follows it.  The tests hold the two equal.
 """
 from __future__ import annotations
 
@@ -283,7 +285,7 @@ def max_pool2d_forward(x, kernel, stride=None, pad=0):
     """
     op = "max_pool2d"
     kernel, stride, pad, (oh, ow) = _check_args(op, x, kernel, stride, pad)
-    if _fast(x):
+    if geo.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
         # arg: (N, C, OH, OW) flat index iy*W + ix of the max within its plane
@@ -326,7 +328,7 @@ def avg_pool2d_forward(x, kernel, stride=None, pad=0):
     op = "avg_pool2d"
     kernel, stride, pad, (oh, ow) = _check_args(op, x, kernel, stride, pad)
     out_shape = (x.shape[0], x.shape[1], oh, ow)
-    if _fast(x):
+    if geo.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty(out_shape, dtype=x.dtype)
         geo.launch(_avg_fwd_kernel, out_shape[0] * out_shape[1], x.size + y.size,

@@ -1,7 +1,8 @@
 """Winograd F(4x4, 3x3): the 3x3 / stride-1 convolution with 4x fewer
-multiplications than the direct one (Lavin & Gray 2016), the CPU default of
-:mod:`tinynorm.ops.conv` (``conv.WINOGRAD_TILE = 4``; 2 selects
-:mod:`tinynorm.ops._winograd`, F(2x2, 3x3)).
+multiplications than the direct one (Lavin & Gray 2016): the kernels of the
+``winograd4`` convolution plan, the CPU default for 3x3 / stride-1 convs with
+enough channels, which :mod:`tinynorm.ops.conv.winograd` drives
+(``config.using(winograd_tile=2)`` selects :mod:`._winograd2`, F(2x2, 3x3)).
 
 Same scheme as F(2x2, 3x3) -- read that module's docstring first -- with 4x4
 output tiles, 6x6 input patches (rows ``4*ty - ph ..``, columns ``4*tx - pw ..``
@@ -36,9 +37,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._winograd import (_base, _crop, _run, buffer_size as _buffer_size, k_stride,
-                        kron_filter_transform, kron_filter_transform_adjoint)
-from ._winograd import transform_buffer as _transform_buffer
+from ... import config
+from .._geometry import serial_twin
+from ._winograd2 import (_base, _crop, _run, buffer_size as _buffer_size, k_stride,
+                         kron_filter_transform, kron_filter_transform_adjoint)
+from ._winograd2 import transform_buffer as _transform_buffer
 
 __all__ = ["M", "SLICES", "tiles", "filter_transform", "filter_transform_adjoint",
            "input_transform", "input_transform_adjoint", "output_transform",
@@ -63,7 +66,7 @@ def tiles(oh, ow):
 
 
 def transform_buffer(buf, rows, cols):
-    """A (36, rows, cols) view of ``buf`` (see ``_winograd.transform_buffer``)."""
+    """A (36, rows, cols) view of ``buf`` (see ``_winograd2.transform_buffer``)."""
     return _transform_buffer(buf, rows, cols, SLICES)
 
 
@@ -329,20 +332,17 @@ def _output_adjoint_kernel(dy, n_batch, n_out, oh, ow, th, tw, sk, dm, sums, n_b
 
 
 # single-threaded twins that release the GIL (conv2d's batch pipeline)
-_input_serial = njit(nogil=True, cache=True)(_input_kernel.py_func)
-_input_adjoint_serial = njit(nogil=True, cache=True)(_input_adjoint_kernel.py_func)
-_output_serial = njit(nogil=True, cache=True)(_output_kernel.py_func)
-_output_adjoint_serial = njit(nogil=True, cache=True)(_output_adjoint_kernel.py_func)
-
-
-BLOCKS = 64     # planes are processed in this many blocks, each with its own scratch
+_input_serial = serial_twin(_input_kernel)
+_input_adjoint_serial = serial_twin(_input_adjoint_kernel)
+_output_serial = serial_twin(_output_kernel)
+_output_adjoint_serial = serial_twin(_output_adjoint_kernel)
 
 
 def _blocks(n_planes, serial):
-    """How many blocks of planes a kernel's prange runs: one for the serial
-    twins, else up to ``BLOCKS`` (the dynamic schedule of ``_geometry.launch``
-    deals them out)."""
-    return 1 if serial else max(1, min(n_planes, BLOCKS))
+    """How many blocks of planes (each with its own scratch) a kernel's prange
+    runs: one for the serial twins, else up to the ``winograd4_blocks``
+    setting (the dynamic schedule of ``_geometry.launch`` deals them out)."""
+    return 1 if serial else max(1, min(n_planes, config.current().winograd4_blocks))
 
 
 def input_transform(x, pad, v, serial=False):

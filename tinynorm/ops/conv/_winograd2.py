@@ -1,9 +1,10 @@
 """Winograd F(2x2, 3x3): the 3x3 / stride-1 convolution with 2.25x fewer
 multiplications (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-Networks", 2016).  The CPU path of :mod:`tinynorm.ops.conv` uses it for
-every 3x3 / stride-1 conv with enough channels (see ``conv._use_winograd``)
-when ``conv.WINOGRAD_TILE = 2``; the default is F(4x4, 3x3)
-(:mod:`tinynorm.ops._winograd4`), which builds on the scheme described here.
+Networks", 2016).  The kernels of the ``winograd2`` convolution plan, which
+:mod:`tinynorm.ops.conv.winograd` drives: chosen for 3x3 / stride-1 convs
+with enough channels under ``tinynorm.config.using(winograd_tile=2)``; the
+default is F(4x4, 3x3) (:mod:`._winograd4`), which builds on the scheme
+described here.
 
 The output is cut into 2x2 tiles; tile ``t = (n, ty, tx)`` reads the 4x4 input
 patch ``d`` at rows ``2*ty - ph ..``, columns ``2*tx - pw ..`` of the zero-padded
@@ -37,7 +38,7 @@ its gradients, not an approximation of them)::
 Rounding differs from the im2col path (the transforms add and subtract
 inputs before the products): relative errors stay at a few float32 ulps of
 the operands' scale, and float64 results agree with the direct convolution to
-~1e-15 (tested).  ``conv.WINOGRAD = False`` switches the path off.
+~1e-15 (tested).  ``config.using(winograd=False)`` switches the path off.
 
 Every numba kernel here runs one prange over the N*C planes of its chunk, each
 iteration owning its plane; the single-threaded twins release the GIL for
@@ -47,6 +48,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from .._geometry import launch, serial_twin
 
 __all__ = ["M", "SLICES", "tiles", "filter_transform", "filter_transform_adjoint", "input_transform",
            "input_transform_adjoint", "output_transform", "output_transform_adjoint",
@@ -373,14 +376,13 @@ def _output_adjoint_kernel(dy, n_batch, n_out, oh, ow, th, tw, stride_k, dm, sum
 
 
 # single-threaded twins that release the GIL (conv2d's batch pipeline)
-_input_serial = njit(nogil=True, cache=True)(_input_kernel.py_func)
-_input_adjoint_serial = njit(nogil=True, cache=True)(_input_adjoint_kernel.py_func)
-_output_serial = njit(nogil=True, cache=True)(_output_kernel.py_func)
-_output_adjoint_serial = njit(nogil=True, cache=True)(_output_adjoint_kernel.py_func)
+_input_serial = serial_twin(_input_kernel)
+_input_adjoint_serial = serial_twin(_input_adjoint_kernel)
+_output_serial = serial_twin(_output_kernel)
+_output_adjoint_serial = serial_twin(_output_adjoint_kernel)
 
 
 def _run(parallel_kernel, serial_kernel, serial, n_iter, work, *args):
-    from ._geometry import launch
     if serial:
         serial_kernel(*args)
     else:
@@ -404,7 +406,7 @@ def transform_buffer(buf, rows, cols, slices=16):
     """A (slices, rows, cols) view of the flat workspace ``buf`` with k-slices
     :func:`k_stride` apart (each slice C-contiguous, as BLAS wants it);
     ``buf`` needs :func:`buffer_size` elements.  16 slices for F(2x2, 3x3),
-    36 for F(4x4, 3x3) (:mod:`tinynorm.ops._winograd4`)."""
+    36 for F(4x4, 3x3) (:mod:`._winograd4`)."""
     sk = k_stride(rows, cols, buf.itemsize)
     return np.lib.stride_tricks.as_strided(
         buf, shape=(slices, rows, cols), strides=(sk * buf.itemsize, cols * buf.itemsize,
