@@ -16,7 +16,8 @@ followed by a crash (or, worse, a run that silently did something else: a TOML
   a different run under the same name, so it is refused.
 
 Adding a key to ``DEFAULTS`` means adding one row here; ``tests/test_faults.py``
-fails while a key of ``DEFAULTS`` has no row.
+fails while a key of ``DEFAULTS`` has no row.  Rows for keys that ``DEFAULTS``
+does not hold are never used.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def real(gt=None, ge=None, lt=None, none=False):
     """A finite number (int or float, not a bool) in the given open/closed bounds."""
     bounds = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
               f"< {lt}" if lt is not None else ""]
-    want = "a finite number" + "".join(f" {b}" for b in bounds if b) + \
-        (" or unset" if none else "")
+    want = "a finite number" + (" " + " and ".join(b for b in bounds if b) if any(bounds)
+                                else "") + (" or unset" if none else "")
 
     def check(key, value):
         if value is None and none:
@@ -114,6 +115,24 @@ def _datasets():
     return tuple(DATASETS) + tuple(_ALIASES)
 
 
+def _inits():
+    from .nn.init import INITS
+    return tuple(INITS)
+
+
+def _wn_g_inits():
+    from .nn import WN_G_INITS
+    return tuple(WN_G_INITS)
+
+
+def residual_scale(key, value):
+    """"auto" (the norm's own scale) or a finite number > 0."""
+    if value == "auto":
+        return value
+    return real(gt=0)(key, value) if not isinstance(value, str) else \
+        _fail(key, '"auto" or a finite number > 0', value)
+
+
 def _schedules():
     from .optim import LRSchedule
     return LRSchedule.KINDS
@@ -125,6 +144,10 @@ ALLOWED, FIXED = "allowed", "fixed"
 SPECS = {
     "model": (choice(_models), FIXED),
     "norm": (choice(_norms), FIXED),
+    "init": (choice(_inits), FIXED),
+    "wn_g_init": (choice(_wn_g_inits), FIXED),
+    "normprop_scale": (real(gt=0), FIXED),
+    "residual_scale": (residual_scale, FIXED),
     "dataset": (choice(_datasets), FIXED),
     "data_root": (text(none=True), ALLOWED),      # where the same files are read from
     "width": (real(gt=0), FIXED),
@@ -153,6 +176,7 @@ SPECS = {
     "ddi": (boolean, FIXED),
     "diverge_loss": (real(gt=0), FIXED),
     "track_norms_every": (integer(0), ALLOWED),   # 0: off
+    "track_signal_every": (integer(0), ALLOWED),  # 0: off
     "eval_every": (integer(1), ALLOWED),
     "eval_batch_size": (integer(1), ALLOWED),
     "out": (text(), ALLOWED),                     # a moved run directory

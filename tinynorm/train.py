@@ -235,6 +235,9 @@ class Trainer:
         self._ckpt, self._pending_changes = None, []
         self.config_changes = []                 # [{iteration, key, old, new}], kept in the log
         if resume:
+            if not (self.out / "checkpoint.h5").exists():
+                raise FileNotFoundError(f"nothing to resume: {self.out / 'checkpoint.h5'} "
+                                        f"does not exist")
             self._ckpt = self._read_checkpoint(self.out / "checkpoint.h5")
             saved = self._ckpt["config"]
             # the keys the caller set (not the defaults make_config filled in)
@@ -308,7 +311,7 @@ class Trainer:
         """Read and verify a checkpoint (CheckpointError when corrupt) into a dict."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+            raise FileNotFoundError(f"no checkpoint: {path} does not exist")
         arrays, attrs = run_files.read_h5(path, finite=("model", "velocity"))
         try:
             log_attrs, root = attrs["log"], attrs["/"]
