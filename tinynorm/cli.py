@@ -138,9 +138,10 @@ def _cmd_train(args) -> int:
         print(f"run diverged at iteration {trainer.diverged_at} ({trainer.diverged_reason}); "
               f"log: {log}")
     elif status == "interrupted" and trainer.interrupted_reason.startswith("SIG"):
-        print(f"run interrupted by {trainer.interrupted_reason} at epoch {trainer.epoch}, batch "
-              f"{trainer.batch} (iteration {trainer.opt.iteration}); resume with: tinynorm train "
-              f"--out {trainer.cfg['out']} --resume", flush=True)
+        print(f"run interrupted by {trainer.interrupted_reason} at iteration "
+              f"{trainer.opt.iteration} (epoch {trainer.epoch + 1}, batch {trainer.batch} of "
+              f"{trainer.data.batches_per_epoch}); checkpoint written; resume with: tinynorm "
+              f"train --out {trainer.cfg['out']} --resume", flush=True)
         return 128 + getattr(signal, trainer.interrupted_reason, signal.SIGINT)
     elif status == "interrupted":
         print(f"run interrupted: {trainer.interrupted_reason}; the last checkpoint written "
