@@ -508,6 +508,27 @@ def test_a_checkpoint_from_before_checksums_is_still_read_and_checked(tmp_path):
     np.testing.assert_array_equal(arrays["model/w"], np.ones(3))
 
 
+@needs_data
+def test_row7_a_failed_checkpoint_on_sigint_says_so(tmp_path, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    out = tmp_path / "run"
+    trainer = Trainer(dict(NV, out=str(out)), resume=False)
+    step = trainer.opt.step
+
+    def step_then_stop():
+        lr = step()
+        if trainer.opt.iteration == 2:
+            monkeypatch.setattr(run_files, "_write_fully", full)
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr
+    trainer.opt.step = step_then_stop
+    assert trainer.run() == "interrupted"
+    assert trainer.interrupted_reason == (f"cannot write {out / 'checkpoint.h5'}: No space left "
+                                          f"on device (stopping on SIGINT)")
+    assert run_files.holds_a_run(out) == [] and not any(out.iterdir())
+
+
 def test_row7_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         return code
     finally:
         for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+            signal.signal(getattr(signal, name), signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

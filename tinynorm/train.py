@@ -243,6 +243,8 @@ class Trainer:
             # the keys the caller set (not the defaults make_config filled in)
             explicit = {k: self.cfg[k] for k, v in given.items()
                         if k in self.cfg and (v is not None or self.cfg[k] is None)}
+            explicit["out"] = self.cfg["out"]    # where the checkpoint was found
+
             self._pending_changes = config_checks.resume_changes(
                 saved, explicit, where=str(self.out / "checkpoint.h5"))
             self.cfg = dict(saved, **explicit)
@@ -382,7 +384,14 @@ class Trainer:
             return True
         except OSError as e:
             self.status = "interrupted"
-            self.interrupted_reason = self.interrupted_reason or f"{e.strerror or e}"
+            failure = e.strerror or str(e)
+            if not failure.startswith("cannot write"):
+                failure = f"cannot write to {self.out}: {failure}"
+            previous = self.interrupted_reason
+            if not previous:
+                self.interrupted_reason = failure
+            elif previous.startswith("SIG"):     # the stop's checkpoint failed: say so first
+                self.interrupted_reason = f"{failure} (stopping on {previous})"
             return False
 
     # -- the loop ----------------------------------------------------------------
@@ -455,7 +464,8 @@ class Trainer:
             self._persist(self.write_log)
         finally:
             for name, handler in previous.items():
-                signal.signal(getattr(signal, name), handler)
+                # None: a handler not installed from Python; the default is the closest
+                signal.signal(getattr(signal, name), signal.SIG_DFL if handler is None else handler)
         return self.status
 
     def _loop(self):
