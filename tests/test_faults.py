@@ -7,7 +7,6 @@ are found before any data loads and reported in one line, a full or read-only
 disk ends the run as interrupted with the previous checkpoint intact.
 """
 import errno
-import json
 import os
 import shutil
 import signal

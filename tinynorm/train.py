@@ -11,9 +11,10 @@ A run lives in one directory (``config["out"]``):
   at every epoch end and on SIGINT (Ctrl-C), SIGTERM or SIGHUP.  Every
   dataset carries a checksum, verified on load (see ``tinynorm.checkpoint``).
   ``resume=True`` continues from it with the checkpoint's configuration and,
-  on the CPU and for a fixed seed, gives exactly the numbers of an
-  uninterrupted run (the data order and augmentation of every batch are a
-  pure function of (seed, epoch, batch index)).
+  on the CPU, single-threaded and for a fixed seed, gives exactly the numbers
+  of an uninterrupted run (the data order and augmentation of every batch are
+  a pure function of (seed, epoch, batch index); with several threads the
+  float32 results can differ between processes in the last digits).
 
 A directory that holds a run (log.h5 or checkpoint.h5) is never silently
 reused: a new run there needs ``overwrite=True``.  On resume only the keys of
@@ -244,7 +245,6 @@ class Trainer:
             explicit = {k: self.cfg[k] for k, v in given.items()
                         if k in self.cfg and (v is not None or self.cfg[k] is None)}
             explicit["out"] = self.cfg["out"]    # where the checkpoint was found
-
             self._pending_changes = config_checks.resume_changes(
                 saved, explicit, where=str(self.out / "checkpoint.h5"))
             self.cfg = dict(saved, **explicit)
@@ -550,4 +550,3 @@ class Trainer:
         s["loss"].append(loss)
         s["lr"].append(lr)
         s["train_acc"].append(acc)
-
