@@ -555,7 +555,39 @@ def test_row7_a_failed_checkpoint_on_sigint_says_so(tmp_path, monkeypatch):
     assert trainer.run() == "interrupted"
     assert trainer.interrupted_reason == (f"cannot write {out / 'checkpoint.h5'}: No space left "
                                           f"on device (stopping on SIGINT)")
-    assert run_files.holds_a_run(out) == [] and not any(out.iterdir())
+    assert run_files.holds_a_run(out) == []
+    assert [p.name for p in out.iterdir()] == [run_files.LOCK_FILE]   # no partial file
+
+
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tinynorm.checkpoint import lock_run_dir
+lock_run_dir({out!r})
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@needs_data
+def test_two_processes_never_train_into_one_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(root=str(ROOT),
+                                                                         out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = cli(capsys, "train", *LIN_FLAGS, "--out", out)
+        assert code == 2
+        one_error_line(err, f"run directory {out} is in use by another process "
+                            f"(pid {holder.pid})")
+        assert run_files.holds_a_run(out) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock went with the process: the directory is usable again
+    assert cli(capsys, "train", *LIN_FLAGS, "--max-iters", "1", "--out", out)[0] == 0
 
 
 def test_row7_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):

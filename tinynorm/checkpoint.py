@@ -15,6 +15,10 @@ digest, the attributes against theirs, and the float datasets under the given
 groups (a checkpoint's ``model/`` and ``velocity/``) for finiteness; any
 failure is a :class:`CheckpointError` naming the dataset.  A file written
 before digests existed (no ``attrs_sha256``) is checked for finiteness only.
+
+Run directories: :func:`holds_a_run`, :func:`probe_run_dir` (writable, enough
+free space), :func:`lock_run_dir` (one training process per directory),
+:func:`remove_stale_tmp`, :func:`clear_run_dir` (for ``overwrite``).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import h5py
 import numpy as np
 
 __all__ = ["CheckpointError", "RunDirError", "write_h5", "read_h5", "remove_stale_tmp",
-           "probe_run_dir", "holds_a_run", "clear_run_dir", "RUN_FILES"]
+           "probe_run_dir", "holds_a_run", "clear_run_dir", "lock_run_dir", "RUN_FILES"]
 
 RUN_FILES = ("log.h5", "checkpoint.h5")
 DIGEST_ATTR, ATTRS_DIGEST_ATTR = "sha256", "attrs_sha256"
@@ -248,3 +252,42 @@ def probe_run_dir(out, need_bytes: int = 0) -> None:
         raise RunDirError(errno.ENOSPC, f"not enough free space in run directory {out}: "
                                         f"{free / 2**20:.1f} MiB free, the run needs "
                                         f"{need_bytes / 2**20:.1f} MiB (twice its checkpoint)")
+
+
+LOCK_FILE = ".tinynorm.lock"
+
+
+def lock_run_dir(out):
+    """Take the run directory's lock (an flock on ``OUT/.tinynorm.lock``) so that two
+    processes never train into one directory; return a function that releases it.
+
+    Raises :class:`RunDirError` naming the directory and the holder's pid when
+    another process holds it.  The lock goes with the process, so a killed run
+    leaves nothing to clean up.  Where flock is missing (Windows) it does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return lambda: None
+    path = Path(out) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(errno.EBUSY, f"run directory {out} is in use by another process "
+                                       f"(pid {holder}); wait for it or use another --out") \
+            from None
+    try:                       # the holder's pid, for the message above (best effort)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+
+    def release():
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return release

@@ -358,7 +358,7 @@ class Trainer:
 
     def _prepare_dir(self, resume):
         """Before any work: refuse to reuse a directory that holds another run,
-        remove stale temporary files, check that the directory is writable."""
+        check that the directory is writable (creating it)."""
         holds = run_files.holds_a_run(self.out)
         if not resume and holds and not self._overwrite:
             raise run_files.RunDirError(
@@ -366,7 +366,6 @@ class Trainer:
                               f"({', '.join(holds)}); pass --resume to continue it or "
                               f"--overwrite to replace it")
         run_files.probe_run_dir(self.out)
-        run_files.remove_stale_tmp(self.out)
         self._prepared = resume
 
     def _checkpoint_bytes(self):
@@ -433,6 +432,15 @@ class Trainer:
         resume = bool(self._resume) if resume is None else bool(resume)
         if self._prepared is None or self._prepared != resume:
             self._prepare_dir(resume)
+        unlock = run_files.lock_run_dir(self.out)     # one process per run directory
+        try:
+            # a killed writer's temporary files (never another live run's: we hold the lock)
+            run_files.remove_stale_tmp(self.out)
+            return self._run(resume)
+        finally:
+            unlock()
+
+    def _run(self, resume):
         cfg = self.cfg
         run_files.probe_run_dir(self.out, 2 * self._checkpoint_bytes())
         if resume:
