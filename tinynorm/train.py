@@ -322,7 +322,8 @@ class Trainer:
         except (KeyError, ValueError) as e:
             raise run_files.CheckpointError(f"checkpoint {path} is not a usable tinynorm "
                                             f"checkpoint: {e}") from None
-        return dict(path=path, arrays=arrays, log_attrs=log_attrs, config=saved,
+        # attrs: every object's attributes by path ("/" the root), e.g. attrs["log/iter"]
+        return dict(path=path, arrays=arrays, attrs=attrs, log_attrs=log_attrs, config=saved,
                     position=position)
 
     def load_checkpoint(self, path=None):
