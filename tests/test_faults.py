@@ -229,12 +229,14 @@ def test_row3_resume_without_log_takes_the_checkpoints_configuration(tmp_path, c
     interrupt_at(part, 3)
     assert part.run() == "interrupted"
     (out / "log.h5").unlink()
+    (out / "checkpoint.h5.tmp").write_bytes(b"left by a writer killed with SIGKILL")
     code, stdout, _ = cli(capsys, "eval", out)            # eval needs only the checkpoint
     assert code == 0 and "(300 images)" in stdout
     code, stdout, _ = cli(capsys, "train", "--out", out, "--resume")
     assert code == 0 and "run completed" in stdout
     log = read_log(out)
     assert log["config"]["lr"] == 0.02 and log["config"]["test_limit"] == 300   # not defaults
+    assert not (out / "checkpoint.h5.tmp").exists()
     np.testing.assert_array_equal(log["iter"]["loss"], full.log["iter"]["loss"])
     np.testing.assert_array_equal(log["epoch"]["test_loss"], full.log["epoch"]["test_loss"])
 
