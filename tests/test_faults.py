@@ -74,7 +74,11 @@ class _one_thread:
     def __enter__(self):
         import numba
         from threadpoolctl import threadpool_limits
+
+        from tinynorm.ops import _gemm
+        _gemm.blas_threads()     # load tinynorm's BLAS first: threadpoolctl limits loaded ones
         self.limits = threadpool_limits(1)
+        assert _gemm.blas_threads() == 1
         self.numba_threads = numba.get_num_threads()
         numba.set_num_threads(1)
 
