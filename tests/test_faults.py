@@ -304,6 +304,20 @@ def test_row4_sighup_is_handled_like_sigint(tmp_path, reference):
 
 
 @needs_data
+def test_row4_an_ignored_sighup_stays_ignored(tmp_path, reference):
+    # under nohup SIGHUP is SIG_IGN: closing the terminal must not stop the run
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        run = Trainer(dict(NV, out=str(tmp_path / "run")))
+        interrupt_at(run, 2, signal.SIGHUP)
+        assert run.run() == "completed"
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert_same_run(reference, run)
+
+
+@needs_data
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_row4_a_signal_during_start_up_is_one_line(tmp_path, capsys, monkeypatch, signum):
     def loading(*args, **kwargs):

@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     # SIGTERM/SIGHUP before the trainer installs its own handlers: one line, no traceback
     previous = {}
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
+        # an ignored signal stays ignored (nohup sets SIGHUP to SIG_IGN)
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:
             try:
                 previous[name] = signal.signal(getattr(signal, name), _raise_terminated)
             except ValueError:          # not the main thread

@@ -463,7 +463,8 @@ class Trainer:
         self.model.train()
         previous = {}
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
+            # an ignored signal stays ignored (nohup sets SIGHUP to SIG_IGN)
+            if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:
                 try:
                     previous[name] = signal.signal(getattr(signal, name), self._on_signal)
                 except ValueError:               # not the main thread: leave signals alone
