@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tinynorm import checkpoint as run_files
-from tinynorm import config as config_checks
+from tinynorm import runconfig as config_checks
 from tinynorm import ops
 from tinynorm.checkpoint import CheckpointError, RunDirError
 from tinynorm.cli import main as cli_main
@@ -649,10 +649,10 @@ def test_row8_valid_values_are_normalized_and_logged_as_run():
 
 
 def test_every_defaults_key_has_a_validation_row():
-    # a key added to DEFAULTS needs one row in tinynorm/config.py SPECS (its check and
+    # a key added to DEFAULTS needs one row in tinynorm/runconfig.py SPECS (its check and
     # whether it may change on resume); this fails until it has one
     missing = sorted(set(DEFAULTS) - set(config_checks.SPECS))
-    assert not missing, f"add a row to tinynorm.config.SPECS for: {', '.join(missing)}"
+    assert not missing, f"add a row to tinynorm.runconfig.SPECS for: {', '.join(missing)}"
     assert config_checks.validate(dict(DEFAULTS)) == dict(DEFAULTS)
 
 

@@ -130,7 +130,7 @@ def _cmd_train(args) -> int:
     if args.ddi:
         overrides["ddi"] = True
     # on --resume the checkpoint's configuration is the base; what the file and the
-    # flags give is checked against it (tinynorm.config.RESUME_ALLOWED)
+    # flags give is checked against it (tinynorm.runconfig.RESUME_ALLOWED)
     trainer = Trainer(dict(base, **overrides), resume=args.resume, overwrite=args.overwrite)
     status = trainer.run()
     log = Path(trainer.cfg["out"]) / "log.h5"

@@ -18,9 +18,9 @@ A run lives in one directory (``config["out"]``):
 
 A directory that holds a run (log.h5 or checkpoint.h5) is never silently
 reused: a new run there needs ``overwrite=True``.  On resume only the keys of
-``tinynorm.config.RESUME_ALLOWED`` may change; each change is recorded in the
+``tinynorm.runconfig.RESUME_ALLOWED`` may change; each change is recorded in the
 log (``config_changes``) with the iteration from which it applies.  Every
-configuration value is checked (``tinynorm.config``) before any data loads.
+configuration value is checked (``tinynorm.runconfig``) before any data loads.
 A checkpoint or log that cannot be written (full disk, read-only file system)
 ends the run as ``interrupted`` with the reason; the previous checkpoint stays.
 
@@ -42,7 +42,7 @@ import numpy as np
 
 from . import __version__, ops
 from . import checkpoint as run_files
-from . import config as config_checks
+from . import runconfig as config_checks
 from .backend import to_numpy
 from .models import build_model
 from .optim import SGD, LRSchedule
@@ -221,7 +221,7 @@ class Trainer:
 
     ``resume=True``: continue the run in ``config["out"]`` with the configuration
     stored in its checkpoint; the keys given in ``config`` may change only where
-    ``tinynorm.config`` allows it (ConfigError naming the key otherwise).
+    ``tinynorm.runconfig`` allows it (ConfigError naming the key otherwise).
     ``resume=False``: a new run; a directory holding a run is refused
     (RunDirError) unless ``overwrite=True``.  Either way the directory is checked
     for writability before any data loads.  ``resume=None`` (the default) decides

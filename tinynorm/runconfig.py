@@ -1,4 +1,4 @@
-"""Checks of a training configuration, one table row per key of ``train.DEFAULTS``.
+"""Checks of a training run's configuration, one table row per key of ``train.DEFAULTS``.
 
 Every value is type- and range-checked before any data loads, so a mistake is a
 one-line :class:`ConfigError` naming the key instead of an epoch of training
