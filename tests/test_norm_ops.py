@@ -110,7 +110,7 @@ def test_fused_equals_reference(shape, chunk, dtype, rng):
 def test_fused_variance_survives_a_large_mean(rng):
     # shifted sums: E[x^2] - E[x]^2 in float32 would lose every digit here
     x = (1000.0 + 0.01 * rng.standard_normal((32, 4, 6, 6))).astype(np.float32)
-    _, cache = ops.batch_norm_forward_fused(x, None, None, 0.0)
+    _, cache = ops.batch_norm_forward_fused(x, None, None, 1e-5)
     exact = x.astype(np.float64).var(axis=(0, 2, 3))
     assert cache.fused
     np.testing.assert_allclose(cache.var[0], exact, rtol=1e-6)
@@ -157,8 +157,9 @@ def test_batch_norm_output_is_standardized_per_chunk(chunk, rng):
         np.testing.assert_allclose(part.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
         np.testing.assert_allclose(part.var(axis=(0, 2, 3)), var_b / (var_b + eps), rtol=1e-12)
         np.testing.assert_allclose(cache.var[g], var_b, rtol=1e-12)
-    # paper 3.1: with eps = 0 the output norm is exactly sqrt(D), D = m H W C
-    y0, _ = ops.batch_norm_forward(x, None, None, 0.0, chunk)
+    # paper 3.1: as eps -> 0 the output norm is sqrt(D), D = m H W C (eps must be > 0;
+    # 1e-300 vanishes next to every variance here)
+    y0, _ = ops.batch_norm_forward(x, None, None, 1e-300, chunk)
     assert np.linalg.norm(y0) == pytest.approx(math.sqrt(x.size), rel=1e-12)
 
 
@@ -177,16 +178,84 @@ def test_chunked_batch_norm_equals_separate_batches(rng):
     np.testing.assert_allclose(cache.batch_mean, x.reshape(3, 2, 4, 9).mean(axis=(1, 3)).mean(0))
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 1, 1), (4, 3)])
+@pytest.mark.parametrize("shape", [(4, 3, 2, 1), (4, 3)])
 def test_zero_variance_chunk_is_allowed(shape, rng):
-    # chunk of one sample with one value per channel: var = 0, y = beta, dx = 0
-    x = rng.standard_normal(shape)
+    # every value of a chunk equal (but more than one of them): var = 0, y = beta,
+    # dx = (dy - chunk mean of dy) / sqrt(eps), finite
+    per_channel = rng.standard_normal(3).reshape((1, 3) + (1,) * (len(shape) - 2))
+    x = np.broadcast_to(per_channel, shape).copy()
     beta = rng.standard_normal(3)
-    y, cache = ops.batch_norm_forward(x, np.ones(3), beta, 1e-5, chunk=1)
-    np.testing.assert_allclose(y.reshape(4, 3), np.broadcast_to(beta, (4, 3)), atol=1e-12)
+    y, cache = ops.batch_norm_forward(x, np.ones(3), beta, 1e-5, chunk=2)
+    np.testing.assert_allclose(y.reshape(4, 3, -1),
+                               np.broadcast_to(beta[:, None], (4, 3, y[0, 0].size)), atol=1e-12)
     assert np.all(cache.var == 0)
-    dx, dgamma, dbeta = ops.batch_norm_backward(rng.standard_normal(shape), cache)
-    assert np.all(np.isfinite(dx)) and np.allclose(dx, 0, atol=1e-9)
+    dy = rng.standard_normal(shape)
+    dx, dgamma, dbeta = ops.batch_norm_backward(dy, cache)
+    chunks = dy.reshape((2, 2) + shape[1:])
+    expected = (chunks - chunks.mean(axis=(1,) + tuple(range(3, chunks.ndim)), keepdims=True))
+    np.testing.assert_allclose(dx, expected.reshape(shape) / np.sqrt(1e-5), rtol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["batch_norm", "batch_norm_reference", "batch_norm_fused",
+                                "mean_only", "renorm"])
+@pytest.mark.parametrize("shape, chunk", [((1, 3, 1, 1), None), ((1, 3), None),
+                                          ((4, 3, 1, 1), 1), ((4, 3), 1)])
+def test_one_value_per_channel_in_training_raises(op, shape, chunk, rng):
+    # like PyTorch: x - mean would be 0 whatever x (y = beta, every gradient 0)
+    x, g = rng.standard_normal(shape), np.ones(3)
+    if op == "batch_norm_fused" and len(shape) == 2:
+        pytest.skip("the fused kernels take 4-D input only")
+    calls = {"batch_norm": lambda: ops.batch_norm_forward(x, g, g, 1e-5, chunk),
+             "batch_norm_reference": lambda: ops.batch_norm_forward_reference(x, g, g, 1e-5, chunk),
+             "batch_norm_fused": lambda: ops.batch_norm_forward_fused(x, g, g, 1e-5, chunk),
+             "mean_only": lambda: ops.mean_only_batch_norm_forward(x, g, chunk),
+             "renorm": lambda: ops.batch_renorm_forward(x, g, g, g * 0, g, 1e-5, 3.0, 5.0)}
+    if op == "renorm" and chunk is not None:
+        pytest.skip("batch renorm has no chunks")
+    with pytest.raises(ValueError, match="expected more than 1 value per channel when training"):
+        calls[op]()
+    # eval mode (fixed statistics) takes a single value
+    y, _ = ops.batch_norm_inference_forward(x, g, g, g * 0, g, 1e-5)
+    assert np.all(np.isfinite(y))
+
+
+def test_batch_norm_layer_with_batch_of_one_raises_in_training_only(rng):
+    from tinynorm import nn
+    layer = nn.BatchNorm(3, dtype=np.float64)
+    x = rng.standard_normal((1, 3, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer.forward(x)
+    layer.eval()
+    assert layer.forward(x).shape == x.shape
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf"), True, "1e-5"])
+def test_every_normalization_rejects_eps_that_is_not_positive(eps, rng):
+    x, g = rng.standard_normal((4, 3, 2, 2)), np.ones(3)
+    v = rng.standard_normal((3, 3, 3, 3))
+    calls = [("batch_norm", lambda: ops.batch_norm_forward(x, g, g, eps)),
+             ("batch_norm", lambda: ops.batch_norm_forward_reference(x, g, g, eps)),
+             ("batch_norm_inference", lambda: ops.batch_norm_inference_forward(x, g, g, g, g, eps)),
+             ("batch_renorm", lambda: ops.batch_renorm_forward(x, g, g, g, g, eps, 3.0, 5.0)),
+             ("group_norm", lambda: ops.group_norm_forward(x, g, g, 3, eps)),
+             ("group_norm", lambda: ops.layer_norm_forward(x, g, g, eps)),
+             ("weight_norm", lambda: ops.weight_norm_forward(v, g, eps)),
+             ("weight_norm", lambda: ops.wn_conv2d_forward(x, v, g, None, 1, 1, eps))]
+    if ops.fused_kernel_available(x):
+        calls.append(("batch_norm", lambda: ops.batch_norm_forward_fused(x, g, g, eps)))
+    for name, call in calls:
+        with pytest.raises(ValueError, match=rf"^{name}: eps must be a finite number > 0"):
+            call()
+
+
+def test_normalization_layers_reject_eps_that_is_not_positive(rng):
+    from tinynorm import nn
+    x = rng.standard_normal((4, 3, 5, 5))
+    for layer in (nn.BatchNorm(3, eps=0.0, dtype=np.float64),
+                  nn.GroupNorm(3, 3, eps=0.0, dtype=np.float64),
+                  nn.WNConv2d(3, 4, 3, 1, 1, eps=0.0, rng=rng, dtype=np.float64)):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            layer.forward(x)
 
 
 def test_batch_norm_inference_matches_hand_computation(rng):
@@ -240,7 +309,7 @@ def test_group_norm_special_cases(rng):
     x = rng.standard_normal((3, 4, 5, 2)) * 2 + 1
     gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
     # G = C is instance norm: each (n, c) map standardized on its own
-    y, _ = ops.group_norm_forward(x, None, None, 4, 0.0)
+    y, _ = ops.group_norm_forward(x, None, None, 4, 1e-300)   # (var + eps == var)
     inst = (x - x.mean(axis=(2, 3), keepdims=True)) / x.std(axis=(2, 3), keepdims=True)
     np.testing.assert_allclose(y, inst, rtol=1e-10, atol=1e-12)
     # G = 1 is layer norm
@@ -248,7 +317,7 @@ def test_group_norm_special_cases(rng):
     yl, _ = ops.layer_norm_forward(x, gamma, beta, 1e-5)
     np.testing.assert_array_equal(y1, yl)
     # layer norm standardizes every sample over (C, H, W)
-    y0, _ = ops.layer_norm_forward(x, None, None, 0.0)
+    y0, _ = ops.layer_norm_forward(x, None, None, 1e-300)
     np.testing.assert_allclose(y0.reshape(3, -1).mean(axis=1), 0, atol=1e-12)
     np.testing.assert_allclose(y0.reshape(3, -1).var(axis=1), 1, rtol=1e-12)
 
@@ -264,7 +333,7 @@ def test_group_norm_float32_keeps_dtype(rng):
 # -- weight norm -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(4, 3, 3, 3), (6, 5)])
-@pytest.mark.parametrize("eps", [0.0, 1e-2])
+@pytest.mark.parametrize("eps", [1e-12, 1e-2])
 def test_weight_norm_invariants(shape, eps, rng):
     v = rng.standard_normal(shape)
     g = np.abs(rng.standard_normal(shape[0])) + 0.5
@@ -277,7 +346,7 @@ def test_weight_norm_invariants(shape, eps, rng):
     dv, dg = ops.weight_norm_backward(dw, cache)
     v_dot_dv = (v * dv).sum(axis=axes)
     dot = (dw * v).sum(axis=axes)
-    # eps = 0: the gradient is orthogonal to v; eps > 0: g eps (dw . v) / n^2
+    # g eps (dw . v) / n^2: orthogonal to v as eps -> 0
     np.testing.assert_allclose(v_dot_dv, g * eps * dot / (v_norm + eps) ** 2, atol=1e-12)
     np.testing.assert_allclose(dg, dot / (v_norm + eps), rtol=1e-12)
 

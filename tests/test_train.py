@@ -118,7 +118,7 @@ def test_output_norms_are_tracked(tmp_path):
     assert np.all(norms["first"] > 0) and np.all(norms["last"] > 0)
 
 
-def test_cli_resume_takes_the_runs_own_configuration(tmp_path):
+def test_cli_resume_takes_the_runs_own_configuration(tmp_path, capsys):
     out = tmp_path / "r"
     args = ["train", "--model", "deep_linear", "--norm", "bn", "--depth", "3", "--epochs", "2",
             "--train-limit", "256", "--test-limit", "200", "--batch-size", "64",
@@ -131,5 +131,5 @@ def test_cli_resume_takes_the_runs_own_configuration(tmp_path):
     log = read_log(out)
     assert log["config"]["depth"] == 3 and log["config"]["norm"] == "bn"
     assert len(log["iter"]["loss"]) == 8
-    with pytest.raises(SystemExit, match="nothing to resume"):
-        cli_main(["train", "--out", str(tmp_path / "none"), "--resume"])
+    assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "tinynorm: error: nothing to resume" in capsys.readouterr().err

@@ -6,13 +6,70 @@
     tinynorm profile --model M ...     time per layer type of a training step (Figure 1)
     tinynorm signal [RUN_DIR] ...      RMS/mean of every unit's output on a real batch,
                                        and every layer's weight coherence
+
+A mistake (a bad flag or configuration value, a missing file, a directory that
+holds another run) is one line on stderr, ``tinynorm: error: ...``, and exit
+status 2; a corrupt checkpoint exits with 1.  ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tomllib
 from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in the one-line ``tinynorm: error:`` form."""
+
+    def error(self, message):
+        sys.stderr.write(f"tinynorm: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP before training started (the trainer handles them once it runs)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _chw(text):
+    parts = text.lower().split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"must be CxHxW with three positive integers "
+                                         f"(e.g. 3x32x32), got {text!r}")
+    return "x".join(map(str, dims))
 
 
 def _cmd_gradcheck(args) -> int:
@@ -80,17 +137,17 @@ TRAIN_FLAGS = {
 def load_config_file(path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise SystemExit(f"tinynorm: config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise SystemExit(f"tinynorm: {path} is not valid TOML: {e}") from None
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
     return data.get("train", data)
 
 
 def _cmd_train(args) -> int:
-    from .train import Trainer, make_config
+    from .train import Trainer
     base = load_config_file(args.config) if args.config else {}
     overrides = {key: getattr(args, key) for key, _, _ in TRAIN_FLAGS.values()
                  if getattr(args, key) is not None}
@@ -99,34 +156,38 @@ def _cmd_train(args) -> int:
             overrides[key] = False
     if args.ddi:
         overrides["ddi"] = True
-    if args.resume:
-        # continue with the run's own configuration; the file and flags override it
-        from .train import read_log
-        out = Path(overrides.get("out") or base.get("out") or "runs/default")
-        if not (out / "checkpoint.h5").exists():
-            raise SystemExit(f"tinynorm: nothing to resume: {out / 'checkpoint.h5'} does not exist")
-        base = dict(read_log(out / "log.h5")["config"] if (out / "log.h5").exists() else {},
-                    **base)
-    try:
-        cfg = make_config(overrides, base)
-    except KeyError as e:
-        raise SystemExit(f"tinynorm: {e.args[0]}") from None
-    trainer = Trainer(cfg)
-    status = trainer.run(resume=args.resume)
-    extra = f" at iteration {trainer.diverged_at} ({trainer.diverged_reason})" \
-        if status == "diverged" else ""
-    print(f"run {status}{extra}; log: {Path(cfg['out']) / 'log.h5'}")
-    return 130 if status == "interrupted" else 0
+    # on --resume the checkpoint's configuration is the base; what the file and the
+    # flags give is checked against it (tinynorm.runconfig.RESUME_ALLOWED)
+    trainer = Trainer(dict(base, **overrides), resume=args.resume, overwrite=args.overwrite)
+    status = trainer.run()
+    log = Path(trainer.cfg["out"]) / "log.h5"
+    if status == "diverged":
+        print(f"run diverged at iteration {trainer.diverged_at} ({trainer.diverged_reason}); "
+              f"log: {log}")
+    elif status == "interrupted" and trainer.interrupted_reason.startswith("SIG"):
+        print(f"run interrupted by {trainer.interrupted_reason} at iteration "
+              f"{trainer.opt.iteration} (epoch {trainer.epoch + 1}, batch {trainer.batch} of "
+              f"{trainer.data.batches_per_epoch}); checkpoint written; resume with: tinynorm "
+              f"train --out {trainer.cfg['out']} --resume", flush=True)
+        return 128 + getattr(signal, trainer.interrupted_reason, signal.SIGINT)
+    elif status == "interrupted":
+        print(f"run interrupted: {trainer.interrupted_reason}; the last checkpoint written "
+              f"is kept (resume with --resume once there is space)", flush=True)
+        return 1
+    else:
+        print(f"run {status}; log: {log}")
+    return 0
 
 
 def _cmd_eval(args) -> int:
-    from .train import Trainer, evaluate, read_log
+    from .train import Trainer, evaluate
     run = Path(args.run)
     ckpt = run / "checkpoint.h5" if run.is_dir() else run
-    log = read_log(ckpt.parent / "log.h5")
-    cfg = dict(log["config"], out=str(ckpt.parent), progress=False)
-    trainer = Trainer(cfg)
+    ck = Trainer._read_checkpoint(ckpt)        # verified; the configuration comes from it
+    trainer = Trainer(dict(ck["config"], out=str(ckpt.parent), progress=False))
+    trainer._ckpt = ck
     trainer.load_checkpoint(ckpt)
+    cfg = trainer.cfg
     loss, top1, top5 = evaluate(trainer.model, trainer.data.test_batches(cfg["eval_batch_size"]))
     print(f"{ckpt}: test loss {loss:.4f}  top-1 {top1:.2f}%  top-5 {top5:.2f}% "
           f"({len(trainer.data.test)} images)")
@@ -203,8 +264,8 @@ def _cmd_signal(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinynorm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="tinynorm", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE", help="import MODULE first (e.g. one that registers "
                         "a normalization: tinynorm.norms.register_norm)")
@@ -221,7 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true", help="no random crop/flip")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ddi", action="store_true", help="WN data-dependent init")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.h5")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.h5 with its configuration (only "
+                            "epochs, max-iters, eval-every, track-norms-every, out, "
+                            "data-root and progress may change)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in OUT (without it a directory holding a run "
+                            "is refused)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on the test set")
@@ -231,16 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="time per layer type of a training step (Figure 1)")
     p.add_argument("--model", default="resnet50")
     p.add_argument("--norm", default="bn")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--stem", default="cifar")
-    p.add_argument("--bn-chunk", type=int, default=None)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--input", default="3x32x32", help="CxHxW")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--width", type=_positive_float, default=1.0)
+    p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"))
+    p.add_argument("--bn-chunk", type=_positive_int, default=None)
+    p.add_argument("--classes", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--input", default="3x32x32", type=_chw, help="CxHxW")
+    p.add_argument("--steps", type=_positive_int, default=3)
     p.add_argument("--init", default="caffe_xavier")
     p.add_argument("--wn-g-init", dest="wn_g_init", default="one")
-    p.add_argument("--normprop-scale", dest="normprop_scale", type=float, default=1.21)
+    p.add_argument("--normprop-scale", dest="normprop_scale", type=_positive_float,
+                   default=1.21)
     p.add_argument("--residual-scale", dest="residual_scale", type=_residual_scale,
                    default="auto")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -254,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_signal)
+
+    for p in [parser, *sub.choices.values()]:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
     return parser
 
 
@@ -270,19 +343,61 @@ def _import_plugins(argv):
             try:
                 importlib.import_module(name)
             except ImportError as e:
-                raise SystemExit(f"tinynorm: --import {name}: {e}") from None
+                raise ValueError(f"--import {name}: {e}") from None
     finally:
         sys.path.remove("")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    _import_plugins(argv)
+    try:
+        _import_plugins(argv)
+    except ValueError as e:
+        if "--debug" in argv:
+            raise
+        sys.stderr.write(f"tinynorm: error: {e}\n")
+        return 2
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "eval", "profile", "signal"):
-        from .backend import tune_allocator
-        tune_allocator()   # keep freed activations in the heap: no page faults per step
-    return args.func(args)
+    debug = getattr(args, "debug", False)
+    # SIGTERM/SIGHUP before the trainer installs its own handlers: one line, no traceback
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        # an ignored signal stays ignored (nohup sets SIGHUP to SIG_IGN)
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:
+            try:
+                previous[name] = signal.signal(getattr(signal, name), _raise_terminated)
+            except ValueError:          # not the main thread
+                break
+    try:
+        if args.command in ("train", "eval", "profile", "signal"):
+            from .backend import tune_allocator
+            tune_allocator()   # keep freed activations in the heap: no page faults per step
+        return args.func(args)
+    except (KeyboardInterrupt, _Terminated) as e:
+        if debug:
+            raise
+        signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
+        when = " before training started; nothing was written" if args.command == "train" else ""
+        sys.stderr.write(f"tinynorm: interrupted by {signal.Signals(signum).name}{when}\n")
+        return 128 + signum
+    except Exception as e:  # noqa: BLE001 -- every error becomes one line unless --debug
+        if debug:
+            raise
+        from .checkpoint import CheckpointError
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, CheckpointError):
+            code = 1
+        elif isinstance(e, (ValueError, KeyError, OSError)):
+            code = 2
+        else:
+            code = 1
+            message = (f"{type(e).__name__}: {message} (an internal error; rerun with --debug "
+                       f"for the traceback)")
+        sys.stderr.write(f"tinynorm: error: {message}\n")
+        return code
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Point it at any forward/backward pair that follows the op contract::
 
     y, cache = forward(*args)
-    grads    = backward(dy, cache)     # gradients of the first len(grads) args
+    grads    = backward(dy, cache)     # one per argument; None skips one
 
 or at a layer (``forward(x) -> y``, ``backward(dy) -> dx``, ``params`` and
 ``grads`` dicts)::
@@ -174,9 +174,11 @@ def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=
     Parameters
     ----------
     forward : callable ``forward(*args, **kwargs) -> (y, cache)``
-    backward : callable ``backward(dy, cache) -> grad or tuple of grads``; the
-        i-th gradient belongs to the i-th positional argument.  ``None``
-        gradients, and gradients of ``None`` or non-float arguments, are skipped.
+    backward : callable ``backward(dy, cache) -> grad, or a tuple or list of
+        grads``; the i-th gradient belongs to the i-th positional argument.
+        ``None`` gradients, and gradients of ``None`` or non-float arguments,
+        are skipped.  A float array argument without a gradient (the backward
+        returned fewer) raises :class:`GradcheckError` naming it.
     *args : the forward's positional arguments.  Float arrays are copied to
         float64; everything else is passed unchanged.
     names : names of the positional arguments, for the report (default
@@ -205,8 +207,19 @@ def gradcheck(forward, backward, *args, kwargs=None, names=None, eps=1e-6, rtol=
     grads = backward(r if is_array(y) else float(r), cache)
     if not isinstance(grads, (tuple, list)):
         grads = (grads,)
+    where = f"{op}: " if op else ""
     if len(grads) > len(args):
-        raise GradcheckError(f"backward returned {len(grads)} gradients for {len(args)} arguments")
+        raise GradcheckError(f"{where}backward returned {len(grads)} gradients for {len(args)} "
+                             f"arguments")
+    # a float array argument past the last returned gradient would silently go
+    # unchecked (a backward returning only dx for (x, gamma, eps) used to pass)
+    unchecked = [names[i] for i in range(len(grads), len(args))
+                 if is_array(args[i]) and args[i].dtype.kind == "f"]
+    if unchecked:
+        raise GradcheckError(
+            f"{where}backward returned {len(grads)} gradient(s) but the forward has floating-point "
+            f"array argument(s) {', '.join(repr(n) for n in unchecked)} after them, which would "
+            f"go unchecked; return a gradient for each (None to skip one on purpose)")
 
     def eval_output():
         return forward(*args, **kwargs)[0]

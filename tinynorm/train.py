@@ -4,14 +4,25 @@ A run lives in one directory (``config["out"]``):
 
 * ``log.h5``        -- the run log (see :func:`read_log` and the README's
   "Run logs" section): the full configuration, per-iteration and per-epoch
-  series, output norms, the final status.  Rewritten atomically (temporary
-  file + ``os.replace``) at every epoch end and whenever the run stops.
+  series, output norms, the final status.  Rewritten atomically at every
+  epoch end and whenever the run stops.
 * ``checkpoint.h5`` -- parameters, buffers, optimizer velocities, the position
   in the data (epoch, batch) and the log series so far; written atomically
-  at every epoch end and on Ctrl-C.  ``resume=True`` continues from it and,
-  on the CPU and for a fixed seed, gives exactly the numbers of an
-  uninterrupted run (the data order and augmentation of every batch are a
-  pure function of (seed, epoch, batch index)).
+  at every epoch end and on SIGINT (Ctrl-C), SIGTERM or SIGHUP.  Every
+  dataset carries a checksum, verified on load (see ``tinynorm.checkpoint``).
+  ``resume=True`` continues from it with the checkpoint's configuration and,
+  on the CPU, single-threaded and for a fixed seed, gives exactly the numbers
+  of an uninterrupted run (the data order and augmentation of every batch are
+  a pure function of (seed, epoch, batch index); with several threads the
+  float32 results can differ between processes in the last digits).
+
+A directory that holds a run (log.h5 or checkpoint.h5) is never silently
+reused: a new run there needs ``overwrite=True``.  On resume only the keys of
+``tinynorm.runconfig.RESUME_ALLOWED`` may change; each change is recorded in the
+log (``config_changes``) with the iteration from which it applies.  Every
+configuration value is checked (``tinynorm.runconfig``) before any data loads.
+A checkpoint or log that cannot be written (full disk, read-only file system)
+ends the run as ``interrupted`` with the reason; the previous checkpoint stays.
 
 Divergence is a result, not a crash: a non-finite loss, a loss above
 ``diverge_loss`` or non-finite weights end the run with status ``diverged``
@@ -19,9 +30,9 @@ and the iteration at which it happened.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -30,6 +41,8 @@ import h5py
 import numpy as np
 
 from . import __version__, ops
+from . import checkpoint as run_files
+from . import runconfig as config_checks
 from .backend import to_numpy
 from .diagnostics import SignalRecorder, weight_coherences
 from .models import build_model
@@ -140,6 +153,8 @@ class _Data:
             datasets.make_transforms(cfg["dataset"], self.train, augment=cfg["augment"],
                                      crop=cfg["crop"], pad=cfg["pad"], flip=cfg["flip"],
                                      min_std=cfg["min_std"])
+        if len(self.test) == 0:
+            raise ValueError(f"the test set of {cfg['dataset']} is empty: nothing to evaluate on")
         if len(self.train) < cfg["batch_size"]:
             raise ValueError(f"the training set has {len(self.train)} images, fewer than one "
                              f"batch of {cfg['batch_size']}")
@@ -195,10 +210,8 @@ def evaluate(model, batches):
 # --------------------------------------------------------------------------- files
 
 def _write_atomic_h5(path: Path, fill):
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        fill(f)
-    os.replace(tmp, path)
+    # in memory, checksummed, fsynced, renamed; OSError (naming path) on failure
+    run_files.write_h5(path, fill)
 
 
 def _open_h5(path: Path):
@@ -220,7 +233,9 @@ def read_log(path) -> dict:
         out = {"config": upgrade_config(json.loads(f.attrs["config"])),
                "status": str(f.attrs["status"]),
                "diverged_at": int(f.attrs["diverged_at"]),
-               "diverged_reason": str(f.attrs["diverged_reason"])}
+               "diverged_reason": str(f.attrs["diverged_reason"]),
+               "interrupted_reason": str(f.attrs.get("interrupted_reason", "")),
+               "config_changes": json.loads(f.attrs.get("config_changes", "[]"))}
         for group in SERIES:
             out[group] = {k: f[group][k][()] for k in f[group]} if group in f else {}
             for attr in ("names", "kinds"):
@@ -242,11 +257,39 @@ SERIES = {"iter": ("iteration", "epoch", "loss", "lr", "train_acc"),
 
 
 class Trainer:
-    """Runs one configuration (see :data:`DEFAULTS`) to completion or divergence."""
+    """Runs one configuration (see :data:`DEFAULTS`) to completion or divergence.
 
-    def __init__(self, config: dict, data=None):
-        self.cfg = make_config(config)
+    ``resume=True``: continue the run in ``config["out"]`` with the configuration
+    stored in its checkpoint; the keys given in ``config`` may change only where
+    ``tinynorm.runconfig`` allows it (ConfigError naming the key otherwise).
+    ``resume=False``: a new run; a directory holding a run is refused
+    (RunDirError) unless ``overwrite=True``.  Either way the directory is checked
+    for writability before any data loads.  ``resume=None`` (the default) decides
+    at :meth:`run` (``run(resume=...)``) and checks the directory there.
+    """
+
+    def __init__(self, config: dict, data=None, *, resume=None, overwrite=False):
+        given = dict(config or {})
+        self.cfg = config_checks.validate(make_config(given))
         self.out = Path(self.cfg["out"])
+        self._resume, self._overwrite, self._prepared = resume, overwrite, None
+        self._ckpt, self._pending_changes = None, []
+        self.config_changes = []                 # [{iteration, key, old, new}], kept in the log
+        if resume:
+            if not (self.out / "checkpoint.h5").exists():
+                raise FileNotFoundError(f"nothing to resume: {self.out / 'checkpoint.h5'} "
+                                        f"does not exist")
+            self._ckpt = self._read_checkpoint(self.out / "checkpoint.h5")
+            saved = self._ckpt["config"]
+            # the keys the caller set (not the defaults make_config filled in)
+            explicit = {k: self.cfg[k] for k, v in given.items()
+                        if k in self.cfg and (v is not None or self.cfg[k] is None)}
+            explicit["out"] = self.cfg["out"]    # where the checkpoint was found
+            self._pending_changes = config_checks.resume_changes(
+                saved, explicit, where=str(self.out / "checkpoint.h5"))
+            self.cfg = dict(saved, **explicit)
+        if resume is not None:
+            self._prepare_dir(resume)
         self.data = data if data is not None else _Data(self.cfg)
         cfg = self.cfg
         extra = {}
@@ -264,7 +307,8 @@ class Trainer:
         self.log = {g: {k: [] for k in keys} for g, keys in SERIES.items()}
         self.epoch, self.batch = 0, 0          # position of the next batch
         self.status, self.diverged_at, self.diverged_reason = "running", -1, ""
-        self._stop = False
+        self.interrupted_reason = ""           # the signal, or the write that failed
+        self._stop, self._stop_reason = False, ""
         self._probe = {}
         self._recorder = SignalRecorder(self.model)
         self.series_names = {"signal": [], "coherence": []}
@@ -279,6 +323,8 @@ class Trainer:
         f.attrs["status"] = self.status
         f.attrs["diverged_at"] = self.diverged_at
         f.attrs["diverged_reason"] = self.diverged_reason
+        f.attrs["interrupted_reason"] = self.interrupted_reason
+        f.attrs["config_changes"] = json.dumps(self.config_changes)
         f.attrs["tinynorm_version"] = __version__
         f.attrs["num_parameters"] = self.model.num_parameters()
         for group, series in self.log.items():
@@ -309,34 +355,97 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         _write_atomic_h5(self.out / "checkpoint.h5", fill)
 
+    @staticmethod
+    def _read_checkpoint(path):
+        """Read and verify a checkpoint (CheckpointError when corrupt) into a dict."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint: {path} does not exist")
+        arrays, attrs = run_files.read_h5(path, finite=("model", "velocity"))
+        try:
+            log_attrs, root = attrs["log"], attrs["/"]
+            saved = config_checks.validate(make_config(
+                base=upgrade_config(json.loads(log_attrs["config"]))))
+            position = (int(root["epoch"]), int(root["batch"]), int(root["iteration"]))
+        except (KeyError, ValueError) as e:
+            raise run_files.CheckpointError(f"checkpoint {path} is not a usable tinynorm "
+                                            f"checkpoint: {e}") from None
+        # attrs: every object's attributes by path ("/" the root), e.g. attrs["log/iter"]
+        return dict(path=path, arrays=arrays, attrs=attrs, log_attrs=log_attrs, config=saved,
+                    position=position)
+
     def load_checkpoint(self, path=None):
+        """Restore the model, optimizer, data position and log from a checkpoint.
+
+        The checkpoint is verified first (:class:`tinynorm.checkpoint.CheckpointError`
+        when it is corrupt); a configuration key that differs from the checkpoint's
+        and may not change on resume is a ConfigError naming it."""
         path = Path(path) if path else self.out / "checkpoint.h5"
-        with _open_h5(path) as f:
-            saved = json.loads(f["log"].attrs["config"])
-            saved = upgrade_config(saved)
-            for key in ("model", "norm", "width", "dataset", "seed", "batch_size", "epochs",
-                        "train_limit", "stem", "depth", "linear_width", "init", "wn_g_init",
-                        "normprop_scale", "residual_scale"):
-                if saved.get(key) != self.cfg.get(key):
-                    raise ValueError(f"cannot resume {path}: it was run with {key}="
-                                     f"{saved.get(key)!r}, this run has {self.cfg.get(key)!r}")
-            self.model.load_state_dict({k: f["model"][k][()] for k in _h5_names(f["model"])})
-            self.opt.load_state_dict({"velocity": {k: f["velocity"][k][()]
-                                                   for k in _h5_names(f["velocity"])},
-                                      "iteration": f.attrs["iteration"]})
-            self.epoch, self.batch = int(f.attrs["epoch"]), int(f.attrs["batch"])
-            for group, series in self.log.items():
-                if group not in f["log"]:      # a log from before the group existed
-                    continue
-                for key in series:
-                    series[key] = list(f["log"][group][key][()])
-                if group in self.series_names and "names" in f["log"][group].attrs:
-                    self.series_names[group] = json.loads(f["log"][group].attrs["names"])
-                if group == "signal" and "kinds" in f["log"][group].attrs:
-                    self.signal_kinds = json.loads(f["log"][group].attrs["kinds"])
-            self.status = str(f["log"].attrs["status"])
-            self.diverged_at = int(f["log"].attrs["diverged_at"])
-            self.diverged_reason = str(f["log"].attrs["diverged_reason"])
+        ck, self._ckpt = self._ckpt, None
+        if ck is None or ck["path"] != path:
+            ck = self._read_checkpoint(path)
+            self._pending_changes = config_checks.resume_changes(ck["config"], self.cfg,
+                                                                 where=str(path))
+        arrays, log_attrs = ck["arrays"], ck["log_attrs"]
+
+        def group(prefix):
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        self.model.load_state_dict(group("model/"))
+        self.epoch, self.batch, iteration = ck["position"]
+        self.opt.load_state_dict({"velocity": group("velocity/"), "iteration": iteration})
+        for name, series in self.log.items():
+            for key in series:
+                series[key] = list(arrays.get(f"log/{name}/{key}", []))
+            group_attrs = ck["attrs"].get(f"log/{name}", {})
+            if name in self.series_names and "names" in group_attrs:
+                self.series_names[name] = json.loads(group_attrs["names"])
+            if name == "signal" and "kinds" in group_attrs:
+                self.signal_kinds = json.loads(group_attrs["kinds"])
+        self.status = str(log_attrs["status"])
+        self.diverged_at = int(log_attrs["diverged_at"])
+        self.diverged_reason = str(log_attrs["diverged_reason"])
+        self.interrupted_reason = str(log_attrs.get("interrupted_reason", ""))
+        self.config_changes = json.loads(log_attrs.get("config_changes", "[]"))
+        self.config_changes += [dict(iteration=iteration, key=key, old=old, new=new)
+                                for key, old, new in self._pending_changes]
+        self._pending_changes = []
+
+    def _prepare_dir(self, resume):
+        """Before any work: refuse to reuse a directory that holds another run,
+        check that the directory is writable (creating it)."""
+        holds = run_files.holds_a_run(self.out)
+        if not resume and holds and not self._overwrite:
+            raise run_files.RunDirError(
+                errno.EEXIST, f"run directory {self.out} already holds a run "
+                              f"({', '.join(holds)}); pass --resume to continue it or "
+                              f"--overwrite to replace it")
+        run_files.probe_run_dir(self.out)
+        self._prepared = resume
+
+    def _checkpoint_bytes(self):
+        # parameters + buffers, one velocity per parameter, the log series at the end
+        state = sum(int(a.nbytes) for a in self.model.state_dict().values())
+        velocity = sum(int(a.nbytes) for a in self.model.parameters().values())
+        iters = self.cfg["epochs"] * self.data.batches_per_epoch
+        return state + velocity + 8 * iters * len(SERIES["iter"]) + (1 << 20)
+
+    def _persist(self, write):
+        """Run ``write`` (save_checkpoint / write_log); on OSError end the run as
+        interrupted with the reason instead of crashing.  True when written."""
+        try:
+            write()
+            return True
+        except OSError as e:
+            self.status = "interrupted"
+            failure = e.strerror or str(e)
+            if not failure.startswith("cannot write"):
+                failure = f"cannot write to {self.out}: {failure}"
+            previous = self.interrupted_reason
+            if not previous:
+                self.interrupted_reason = failure
+            elif previous.startswith("SIG"):     # the stop's checkpoint failed: say so first
+                self.interrupted_reason = f"{failure} (stopping on {previous})"
+            return False
 
     # -- the loop ----------------------------------------------------------------
     def _diverge(self, reason):
@@ -363,32 +472,63 @@ class Trainer:
             self.log["epoch"][k].append(v)
         return row
 
-    def _on_sigint(self, signum, frame):
-        self._stop = True
+    def _on_signal(self, signum, frame):
+        # SIGINT, SIGTERM, SIGHUP: finish the current batch, then checkpoint and stop
+        self._stop, self._stop_reason = True, signal.Signals(signum).name
 
-    def run(self, resume=False):
-        """Train; return the final status (completed, diverged, interrupted)."""
+    def run(self, resume=None):
+        """Train; return the final status (completed, diverged, interrupted).
+
+        ``resume`` defaults to the constructor's.  Raises before the first
+        iteration (RunDirError, ConfigError, CheckpointError) when the run
+        cannot start; never for a failed write during the run (the status is
+        then ``interrupted`` and ``interrupted_reason`` says why)."""
+        resume = bool(self._resume) if resume is None else bool(resume)
+        if self._prepared is None or self._prepared != resume:
+            self._prepare_dir(resume)
+        unlock = run_files.lock_run_dir(self.out)     # one process per run directory
+        try:
+            # a killed writer's temporary files (never another live run's: we hold the lock)
+            run_files.remove_stale_tmp(self.out)
+            return self._run(resume)
+        finally:
+            unlock()
+
+    def _run(self, resume):
         cfg = self.cfg
+        run_files.probe_run_dir(self.out, 2 * self._checkpoint_bytes())
         if resume:
             self.load_checkpoint()
             max_iters = cfg["max_iters"]
             more_to_do = self.epoch < cfg["epochs"] and (max_iters is None
                                                          or self.opt.iteration < max_iters)
             if self.status == "diverged" or (self.status == "completed" and not more_to_do):
+                self._persist(self.write_log)     # e.g. log.h5 was deleted
                 return self.status
-            self.status = "running"
-        elif cfg["ddi"]:
-            from .nn import data_dependent_init
-            x0, _ = self.data.train_batch(0, 0)
-            data_dependent_init(self.model, x0)
-        self.out.mkdir(parents=True, exist_ok=True)
+            self.status, self.interrupted_reason = "running", ""
+        else:
+            if self._overwrite:
+                run_files.clear_run_dir(self.out)
+            if cfg["ddi"]:
+                from .nn import data_dependent_init
+                x0, _ = self.data.train_batch(0, 0)
+                data_dependent_init(self.model, x0)
         self.model.train()
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        previous = {}
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            # an ignored signal stays ignored (nohup sets SIGHUP to SIG_IGN)
+            if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:
+                try:
+                    previous[name] = signal.signal(getattr(signal, name), self._on_signal)
+                except ValueError:               # not the main thread: leave signals alone
+                    break
         try:
             self._loop()
+            self._persist(self.write_log)
         finally:
-            signal.signal(signal.SIGINT, previous)
-        self.write_log()
+            for name, handler in previous.items():
+                # None: a handler not installed from Python; the default is the closest
+                signal.signal(getattr(signal, name), signal.SIG_DFL if handler is None else handler)
         return self.status
 
     def _loop(self):
@@ -405,7 +545,7 @@ class Trainer:
                            unit="it", leave=False, dynamic_ncols=True)
             while self.batch < n_batches:
                 if self._stop:
-                    self.status = "interrupted"
+                    self.status, self.interrupted_reason = "interrupted", self._stop_reason
                     break
                 if max_iters is not None and self.opt.iteration >= max_iters:
                     break
@@ -452,7 +592,7 @@ class Trainer:
             stopped_early = max_iters is not None and self.opt.iteration >= max_iters
             if self.status != "running" or (stopped_early and self.batch < n_batches):
                 if self.status in ("running", "interrupted"):
-                    self.save_checkpoint()             # the exact position, mid-epoch
+                    self._persist(self.save_checkpoint)   # the exact position, mid-epoch
                 if self.status == "running":           # reached max_iters mid-epoch
                     self._epoch_end(epoch, time.perf_counter() - t0, n_images, force_eval=True)
                     self.status = "completed"
@@ -462,8 +602,8 @@ class Trainer:
             self.epoch, self.batch = epoch + 1, 0
             if self.epoch == cfg["epochs"] or stopped_early:
                 self.status = "completed"
-            self.save_checkpoint()
-            self.write_log()
+            if not (self._persist(self.save_checkpoint) and self._persist(self.write_log)):
+                return
             if cfg["progress"]:
                 print(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {row['train_loss']:.4f} "
                       f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
@@ -494,10 +634,3 @@ class Trainer:
         s["loss"].append(loss)
         s["lr"].append(lr)
         s["train_acc"].append(acc)
-
-
-def _h5_names(group):
-    """Dotted dataset names under an HDF5 group (names like "conv1.0.w" are nested)."""
-    names = []
-    group.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-    return names

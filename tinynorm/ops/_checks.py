@@ -21,3 +21,13 @@ def check_bias_and_backend(op, x, w, b, unit):
     if any(backend.get_array_module(a) is not xp for a in arrays):
         raise ValueError(f"{op}: x, w and b must all be NumPy or all CuPy arrays")
     return xp
+
+
+def check_eps(op, eps):
+    """eps must be a finite number > 0: with eps = 0 a constant channel (or a zero
+    weight row) divides 0 by 0, and eps < 0 can take a square root of a negative."""
+    import math
+    import numbers
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
+            or not eps > 0:
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")

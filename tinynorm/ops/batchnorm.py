@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import config
 from ..backend import get_array_module
+from ._checks import check_eps
 
 __all__ = [
     "BatchNormCache",
@@ -100,11 +101,13 @@ class BatchNormCache:
         return self.var.mean(axis=0)
 
 
-def _layout(x, name, chunk=None):
+def _layout(x, name, chunk=None, training=False):
     """Validate ``x`` and ``chunk``; return (G, k, C, S).
 
     Raises ValueError for a non-float array, ndim other than 2 or 4, an empty
-    batch, or a chunk that is not a positive divisor of N.
+    batch, a chunk that is not a positive divisor of N, and -- with
+    ``training`` (batch statistics) -- a statistic over a single value, where
+    x - mean is 0 whatever x (the output would be beta and every gradient 0).
     """
     if getattr(x, "dtype", None) is None or x.dtype.kind != "f":
         raise ValueError(f"{name}: x must be a floating-point array, got "
@@ -118,12 +121,19 @@ def _layout(x, name, chunk=None):
                          f"take statistics over")
     s = int(np.prod(x.shape[2:])) if x.ndim == 4 else 1
     if chunk is None:
-        return 1, n, c, s
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"{name}: chunk must be a positive integer or None, got {chunk!r}")
-    if n % chunk:
-        raise ValueError(f"{name}: batch size N={n} is not divisible by chunk={chunk}")
-    return n // chunk, int(chunk), c, s
+        layout = 1, n, c, s
+    else:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"{name}: chunk must be a positive integer or None, got {chunk!r}")
+        if n % chunk:
+            raise ValueError(f"{name}: batch size N={n} is not divisible by chunk={chunk}")
+        layout = n // chunk, int(chunk), c, s
+    if training and layout[1] * layout[3] == 1:
+        # PyTorch raises the same way ("Expected more than 1 value per channel when training")
+        raise ValueError(f"{name}: expected more than 1 value per channel when training, got "
+                         f"input shape {tuple(x.shape)}"
+                         + (f" with chunk={chunk}" if chunk is not None else ""))
+    return layout
 
 
 def _check_channel_param(p, pname, c, name):
@@ -195,11 +205,11 @@ def batch_norm_forward(x, gamma, beta, eps, chunk=None):
     ----------
     x : (N, C, H, W) or (N, D) float array
     gamma, beta : (C,) arrays, or None for 1 / 0 (no gradient returned)
-    eps : float added to the variance
+    eps : float > 0 added to the variance (ValueError otherwise)
     chunk : None or a divisor k of N ("ghost" batch norm: G = N / k chunks).
-        A chunk whose every value is equal -- e.g. k = 1 on 2-D input or on a
-        1x1 map -- has var = 0: x_hat = 0, y = beta, inv_std = 1/sqrt(eps),
-        and dx = 0.  This is allowed (with eps > 0; eps = 0 gives NaN there).
+        Each statistic needs more than one value: k = 1 on 2-D input or on a
+        1x1 map is a ValueError.  A chunk whose values are all equal has
+        var = 0: x_hat = 0, y = beta, inv_std = 1/sqrt(eps), and dx = 0.
 
     Returns
     -------
@@ -243,7 +253,8 @@ def batch_norm_forward_fused(x, gamma, beta, eps, chunk=None):
     """The numba-kernel batch norm (same contract as :func:`batch_norm_forward`),
     whatever the size of ``x``; ValueError when :func:`fused_kernel_available`
     is false."""
-    layout = _layout(x, "batch_norm", chunk)
+    layout = _layout(x, "batch_norm", chunk, training=True)
+    check_eps("batch_norm", eps)
     _check_channel_param(gamma, "gamma", layout[2], "batch_norm")
     _check_channel_param(beta, "beta", layout[2], "batch_norm")
     if not fused_kernel_available(x):
@@ -269,7 +280,8 @@ def batch_norm_backward_fused(dy, cache):
 def batch_norm_forward_reference(x, gamma, beta, eps, chunk=None):
     """The plain array-code batch norm; same contract as :func:`batch_norm_forward`."""
     xp = get_array_module(x)
-    layout = _layout(x, "batch_norm", chunk)
+    layout = _layout(x, "batch_norm", chunk, training=True)
+    check_eps("batch_norm", eps)
     _check_channel_param(gamma, "gamma", layout[2], "batch_norm")
     _check_channel_param(beta, "beta", layout[2], "batch_norm")
     xg = _grouped(x, layout)                        # (G, k, C, S)
@@ -324,6 +336,7 @@ def batch_norm_inference_forward(x, gamma, beta, mean, var, eps):
     """
     xp = get_array_module(x)
     layout = _layout(x, "batch_norm_inference")
+    check_eps("batch_norm_inference", eps)
     c = layout[2]
     for p, pname in ((gamma, "gamma"), (beta, "beta"), (mean, "mean"), (var, "var")):
         _check_channel_param(p, pname, c, "batch_norm_inference")
@@ -372,7 +385,7 @@ def mean_only_batch_norm_forward(x, beta, chunk=None):
     ``batch_mean`` gives the (C,) mean for the running average).
     """
     xp = get_array_module(x)
-    layout = _layout(x, "mean_only_batch_norm", chunk)
+    layout = _layout(x, "mean_only_batch_norm", chunk, training=True)
     _check_channel_param(beta, "beta", layout[2], "mean_only_batch_norm")
     xg = _grouped(x, layout)
     mean = xg.mean(axis=(1, 3), dtype=xp.float64)                     # (G, C)
@@ -426,7 +439,8 @@ def batch_renorm_forward(x, gamma, beta, running_mean, running_var, eps, r_max, 
     if r_max < 1 or d_max < 0:
         raise ValueError(f"batch_renorm: need r_max >= 1 and d_max >= 0, got r_max={r_max}, "
                          f"d_max={d_max}")
-    layout = _layout(x, "batch_renorm")
+    layout = _layout(x, "batch_renorm", training=True)
+    check_eps("batch_renorm", eps)
     c = layout[2]
     for p, pname in ((gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"),
                      (running_var, "running_var")):
@@ -479,6 +493,12 @@ def batch_renorm_backward(dy, cache):
 
 # -- `tinynorm gradcheck` --------------------------------------------------------
 
+def _no_gradient_for_statistics(backward):
+    # the fixed statistics (mean, var / running_mean, running_var) are constants:
+    # say so to gradcheck with None gradients rather than leave them unchecked
+    return lambda dy, cache: (*backward(dy, cache), None, None)
+
+
 def gradcheck_cases():
     """(op_label, forward, backward, args, names) for ``python -m tinynorm gradcheck``."""
     rng = np.random.default_rng(7)
@@ -505,7 +525,8 @@ def gradcheck_cases():
         ("batch_norm reference chunk=3",
          lambda x, g, b: batch_norm_forward_reference(x, g, b, 1e-5, chunk=3),
          batch_norm_backward_reference, (x4, g3, b3), ("x", "gamma", "beta")),
-        ("batch_norm_inference", batch_norm_inference_forward, batch_norm_inference_backward,
+        ("batch_norm_inference", batch_norm_inference_forward,
+         _no_gradient_for_statistics(batch_norm_inference_backward),
          (x4, g3, b3, randn(3), np.abs(randn(3)) + 0.5, 1e-5),
          ("x", "gamma", "beta", "mean", "var", "eps")),
         ("mean_only_batch_norm", mean_only_batch_norm_forward, mean_only_batch_norm_backward,
@@ -513,13 +534,16 @@ def gradcheck_cases():
         ("mean_only_batch_norm chunk=3",
          lambda x, b: mean_only_batch_norm_forward(x, b, chunk=3),
          mean_only_batch_norm_backward, (x4, b3), ("x", "beta")),
-        ("batch_renorm r,d clipped low/high", batch_renorm_forward, batch_renorm_backward,
+        ("batch_renorm r,d clipped low/high", batch_renorm_forward,
+         _no_gradient_for_statistics(batch_renorm_backward),
          (x4, g3, b3, rmean_lo, rvar_hi, 1e-5, 3.0, 5.0),
          ("x", "gamma", "beta", "running_mean", "running_var", "eps", "r_max", "d_max")),
-        ("batch_renorm r,d clipped high/low", batch_renorm_forward, batch_renorm_backward,
+        ("batch_renorm r,d clipped high/low", batch_renorm_forward,
+         _no_gradient_for_statistics(batch_renorm_backward),
          (x4, g3, b3, rmean_hi, rvar_lo, 1e-5, 2.0, 1.0),
          ("x", "gamma", "beta", "running_mean", "running_var", "eps", "r_max", "d_max")),
-        ("batch_renorm r_max=1 d_max=0", batch_renorm_forward, batch_renorm_backward,
+        ("batch_renorm r_max=1 d_max=0", batch_renorm_forward,
+         _no_gradient_for_statistics(batch_renorm_backward),
          (x2, g5, b5, randn(5), np.abs(randn(5)) + 0.5, 1e-5, 1.0, 0.0),
          ("x", "gamma", "beta", "running_mean", "running_var", "eps", "r_max", "d_max")),
     ]

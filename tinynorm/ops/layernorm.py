@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
+from ._checks import check_eps
 
 __all__ = ["group_norm_forward", "group_norm_backward", "layer_norm_forward",
            "layer_norm_backward"]
@@ -56,7 +57,7 @@ def group_norm_forward(x, gamma, beta, groups, eps):
     x : (N, C, H, W) or (N, C) (any (N, C, ...))
     gamma, beta : (C,) or None (1 / 0, no gradient returned)
     groups : G, a divisor of C (1: layer norm, C: instance norm)
-    eps : float added to the variance
+    eps : float > 0 added to the variance (ValueError otherwise)
 
     Returns
     -------
@@ -67,6 +68,7 @@ def group_norm_forward(x, gamma, beta, groups, eps):
     """
     xp = get_array_module(x)
     _check(x, gamma, beta, groups, "group_norm")
+    check_eps("group_norm", eps)
     n, c = x.shape[0], x.shape[1]
     # (N, C, ...) -> (N, G, M) with M = C/G * S values per statistic
     xg = x.reshape(n, groups, -1)

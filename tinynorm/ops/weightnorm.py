@@ -11,15 +11,16 @@ axis: (C_out, C_in, kh, kw) conv weights -> C_out norms over (C_in, kh, kw);
 (w = v / (||v|| + eps); the TReLU WN layers have no gain).
 
 Facts the tests hold: ||w_j|| = g_j * ||v_j|| / (||v_j|| + eps)
-= g_j / (1 + eps / ||v_j||); with eps = 0 the gradient is orthogonal to v
-(v_j . dv_j = 0, so plain SGD can only grow ||v||), with eps > 0
-v_j . dv_j = g_j * eps * (dw_j . v_j) / n_j^2.
+= g_j / (1 + eps / ||v_j||) and v_j . dv_j = g_j * eps * (dw_j . v_j) / n_j^2:
+as eps -> 0 the gradient becomes orthogonal to v (so plain SGD can only grow
+||v||).  eps must be > 0 (eps = 0 divides by zero for a zero row of v).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..backend import get_array_module
+from ._checks import check_eps
 
 __all__ = ["weight_norm_forward", "weight_norm_backward", "wn_conv2d_forward", "wn_conv2d_backward",
            "wn_linear_forward", "wn_linear_backward"]
@@ -37,7 +38,7 @@ def weight_norm_forward(v, g, eps, scale=1.0):
     ----------
     v : (C_out, ...) float array, at least 2-D: (C_out, C_in, kh, kw) or (D_out, D_in)
     g : (C_out,) or None (gain 1, no dg returned)
-    eps : float >= 0 added to the norm
+    eps : float > 0 added to the norm (ValueError otherwise)
     scale : float > 0 multiplying the norm (1: plain WN; 1.21: NormProp)
 
     Returns
@@ -55,8 +56,7 @@ def weight_norm_forward(v, g, eps, scale=1.0):
     if g is not None and tuple(g.shape) != (v.shape[0],):
         raise ValueError(f"weight_norm: g has shape {tuple(g.shape)} but v has {v.shape[0]} "
                          f"output units (expected ({v.shape[0]},))")
-    if eps < 0:
-        raise ValueError(f"weight_norm: eps must be >= 0, got {eps}")
+    check_eps("weight_norm", eps)
     if not scale > 0:
         raise ValueError(f"weight_norm: scale must be > 0, got {scale}")
     axes = tuple(range(1, v.ndim))
@@ -77,8 +77,7 @@ def weight_norm_backward(dw, cache):
 
     (g_j = 1 when g is None; the radial term does not depend on s.)  A unit with v_j = 0 gets dv_j = g_j dw_j / eps,
     the exact derivative there for eps > 0 (the radial term, whose 1/||v|| is
-    undefined at 0, is multiplied by v_j = 0 and dropped).  With eps = 0 a zero
-    row has no gradient (the forward already gives NaN).
+    undefined at 0, is multiplied by v_j = 0 and dropped).
 
     Parameters
     ----------
@@ -168,7 +167,7 @@ def gradcheck_cases():
         ("weight_norm conv", weight_norm_forward, weight_norm_backward,
          (v_conv, rng.standard_normal(4) + 1.5, 1e-3), ("v", "g", "eps")),
         ("weight_norm linear", weight_norm_forward, weight_norm_backward,
-         (v_lin, rng.standard_normal(5), 0.0), ("v", "g", "eps")),
+         (v_lin, rng.standard_normal(5), 1e-12), ("v", "g", "eps")),
         ("weight_norm scale=1.21 (NormProp)", weight_norm_forward, weight_norm_backward,
          (v_conv, rng.standard_normal(4) + 1.5, 1e-3, 1.21), ("v", "g", "eps", "scale")),
         ("weight_norm no gain", lambda v: weight_norm_forward(v, None, 1e-2),
