@@ -12,6 +12,7 @@ sys.path.insert(0, str(HERE.parent))
 from plots.figures import (ablation_table, plot_ablation, plot_coherence,  # noqa: E402
                            plot_divergence, plot_output_norms, plot_signal_by_depth,
                            plot_time_share, plot_training_curves)
+from tinynorm.train import read_log  # noqa: E402
 
 
 def logs_of(experiment):
@@ -24,6 +25,10 @@ def main():
     if logs := logs_of("fig2_cifar10_nv"):
         plot_training_curves(logs, HERE / "fig2_cifar10_nv.png", "cifar10-nv (cpu preset)")
         drawn.append("fig2_cifar10_nv.png")
+        if all(len(read_log(p)["signal"].get("iteration", [])) for p in logs.values()):
+            plot_signal_by_depth(logs, HERE / "fig2_signal_by_depth.png",
+                                 "cifar10-nv: RMS by depth, initialization and end (cpu preset)")
+            drawn.append("fig2_signal_by_depth.png")
     if logs := logs_of("fig3_resnet50"):
         plot_training_curves(logs, HERE / "fig3_resnet50.png", "ResNet-50 (cpu preset)")
         plot_output_norms(logs, HERE / "fig4_output_norms.png",
