@@ -263,6 +263,11 @@ def _cmd_signal(args) -> int:
     return 0
 
 
+def _add_train_flags(p):
+    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tinynorm", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration")
     p.add_argument("--config", help="TOML file with the run's keys (flags override it)")
-    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
+    _add_train_flags(p)
     p.add_argument("--no-augment", action="store_true", help="no random crop/flip")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ddi", action="store_true", help="WN data-dependent init")
@@ -319,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "block's output on a real batch; weight coherence")
     p.add_argument("run", nargs="?", help="a run directory (or its checkpoint.h5); "
                                           "default: a fresh model from the flags")
-    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
+    _add_train_flags(p)
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_signal)
 

@@ -254,16 +254,24 @@ def gemm_backward(dy, x, w, plan, lower, scatter, need_dx, need_dw, need_db):
             dw_sum = np.ascontiguousarray(dw_sum.T)
         return dw_sum, db_sum
 
-    results = run_groups(plan, run)
-    dw = db = None
+    dw, db = sum_partials(run_groups(plan, run), need_dw, need_db)
     if need_dw:
-        dw = results[0][0]
-        for part, _ in results[1:]:
-            dw += part
         dw = dw.reshape(w.shape)
     if need_db:
-        db = results[0][1]
-        for _, part in results[1:]:
-            db += part
         db = db.astype(x.dtype)
     return dx, dw, db
+
+
+def sum_partials(results, need_first, need_second):
+    """Sum the per-group (first, second) partial gradients of ``run_groups``
+    (dw-like, db-like) in place into the first group's arrays; None where not needed."""
+    first = second = None
+    if need_first:
+        first = results[0][0]
+        for part, _ in results[1:]:
+            first += part
+    if need_second:
+        second = results[0][1]
+        for _, part in results[1:]:
+            second += part
+    return first, second

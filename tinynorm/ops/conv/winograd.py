@@ -95,16 +95,10 @@ def backward(dy, x, w, plan, need_dx, need_dw, need_db):
                 wg.input_transform_adjoint(dv, (e - s, c, h, v_), plan.pad, dx[s:e], serial)
         return du_sum, db_sum
 
-    results = pipeline.run_groups(plan, run)
-    dw = db = None
+    du, db = pipeline.sum_partials(pipeline.run_groups(plan, run), need_dw, need_db)
+    dw = None
     if need_dw:
-        du = results[0][0]
-        for part, _ in results[1:]:
-            du += part
         dw = wg.filter_transform_adjoint(du).astype(x.dtype, copy=False)
     if need_db:
-        db = results[0][1]
-        for _, part in results[1:]:
-            db += part
         db = db.astype(x.dtype)
     return dx, dw, db
