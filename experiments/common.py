@@ -11,6 +11,10 @@ Finished logs are copied to ``plots/logs/<experiment>/<variant>.h5`` for the
 ``cpu`` preset (committed, so the figures can be redrawn without training) and
 to ``runs/<preset>/<experiment>/logs/`` otherwise.  Re-running a script resumes
 unfinished runs and skips finished ones.
+
+Under ``mpirun -np K`` every variant is one data-parallel run over the K ranks
+(tinynorm.parallel); rank 0 decides what to resume, copies the logs and draws
+the figures (:func:`is_writer`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tinynorm import parallel  # noqa: E402
 from tinynorm.backend import tune_allocator  # noqa: E402
 from tinynorm.train import Trainer, read_log  # noqa: E402
 
@@ -56,12 +61,21 @@ def figure_path(preset, experiment, runs_root, name):
     return Path(runs_root) / preset / experiment / f"{name}.png"
 
 
+def is_writer():
+    """True on rank 0 (and in a single process): the rank that writes files and figures."""
+    return parallel.world().rank == 0
+
+
 def run_variants(experiment, variants, args):
-    """Run ``{variant: config}`` one after the other (resumable); return log paths."""
+    """Run ``{variant: config}`` one after the other (resumable); return log paths
+    (on rank 0; the other ranks of an mpirun get ``{}``)."""
     only = set(args.only.split(",")) if args.only else None
     logs = {}
+    comm = parallel.world()
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
     dest = log_dir(args.preset, experiment, args.runs)
-    dest.mkdir(parents=True, exist_ok=True)
+    if comm.rank == 0:
+        dest.mkdir(parents=True, exist_ok=True)
     for name, cfg in variants.items():
         if only and name not in only:
             continue
@@ -74,21 +88,24 @@ def run_variants(experiment, variants, args):
             if log_copy.exists():
                 logs[name] = log_copy
             continue
-        status = None
-        if (out / "log.h5").exists():
-            status = read_log(out)["status"]
+        status, resume = None, False
+        if comm.rank == 0:               # the run directory is rank 0's
+            if (out / "log.h5").exists():
+                status = read_log(out)["status"]
+            resume = (out / "checkpoint.h5").exists()
+        status, resume = comm.bcast((status, resume))
         t0 = time.time()
         if status in ("completed", "diverged"):
-            print(f"[{experiment}] {name}: already {status}", flush=True)
+            say(f"[{experiment}] {name}: already {status}", flush=True)
         else:
-            resume = (out / "checkpoint.h5").exists()
-            print(f"[{experiment}] {name}: {'resuming' if resume else 'starting'}", flush=True)
+            say(f"[{experiment}] {name}: {'resuming' if resume else 'starting'}", flush=True)
             trainer = Trainer(cfg)
             status = trainer.run(resume=resume)
             extra = f" at iteration {trainer.diverged_at}" if status == "diverged" else ""
-            print(f"[{experiment}] {name}: {status}{extra} ({time.time() - t0:.0f} s)", flush=True)
+            say(f"[{experiment}] {name}: {status}{extra} ({time.time() - t0:.0f} s)", flush=True)
             if status == "interrupted":
                 raise SystemExit(130)
-        shutil.copyfile(out / "log.h5", log_copy)
+        if comm.rank == 0:
+            shutil.copyfile(out / "log.h5", log_copy)
         logs[name] = log_copy
-    return logs
+    return logs if comm.rank == 0 else {}     # rank 0 draws the figures

@@ -130,6 +130,9 @@ TRAIN_FLAGS = {
     "--track-signal-every": ("track_signal_every", int,
                              "record unit output RMS/mean and weight coherence every k iterations"),
     "--eval-every": ("eval_every", int, "evaluate every k epochs"),
+    "--dtype": ("dtype", str, "float32 (default) | float64"),
+    "--rank-timeout": ("rank_timeout", float,
+                       "under mpirun: abort all ranks when one is silent this many seconds"),
     "--out": ("out", str, "run directory (log.h5, checkpoint.h5)"),
 }
 
@@ -161,21 +164,24 @@ def _cmd_train(args) -> int:
     trainer = Trainer(dict(base, **overrides), resume=args.resume, overwrite=args.overwrite)
     status = trainer.run()
     log = Path(trainer.cfg["out"]) / "log.h5"
+    # every rank returns the same status; under mpirun rank 0 alone reports
+    say = print if trainer.is_writer else (lambda *a, **k: None)
+    reason = trainer.interrupted_reason
     if status == "diverged":
-        print(f"run diverged at iteration {trainer.diverged_at} ({trainer.diverged_reason}); "
-              f"log: {log}")
-    elif status == "interrupted" and trainer.interrupted_reason.startswith("SIG"):
-        print(f"run interrupted by {trainer.interrupted_reason} at iteration "
-              f"{trainer.opt.iteration} (epoch {trainer.epoch + 1}, batch {trainer.batch} of "
-              f"{trainer.data.batches_per_epoch}); checkpoint written; resume with: tinynorm "
-              f"train --out {trainer.cfg['out']} --resume", flush=True)
-        return 128 + getattr(signal, trainer.interrupted_reason, signal.SIGINT)
+        say(f"run diverged at iteration {trainer.diverged_at} ({trainer.diverged_reason}); "
+            f"log: {log}")
+    elif status == "interrupted" and reason.startswith("SIG"):
+        say(f"run interrupted by {reason} at iteration "
+            f"{trainer.opt.iteration} (epoch {trainer.epoch + 1}, batch {trainer.batch} of "
+            f"{trainer.data.batches_per_epoch}); checkpoint written; resume with: tinynorm "
+            f"train --out {trainer.cfg['out']} --resume", flush=True)
+        return 128 + getattr(signal, reason.split()[0], signal.SIGINT)
     elif status == "interrupted":
-        print(f"run interrupted: {trainer.interrupted_reason}; the last checkpoint written "
-              f"is kept (resume with --resume once there is space)", flush=True)
+        say(f"run interrupted: {reason}; the last checkpoint written "
+            f"is kept (resume with --resume once there is space)", flush=True)
         return 1
     else:
-        print(f"run {status}; log: {log}")
+        say(f"run {status}; log: {log}")
     return 0
 
 
@@ -387,8 +393,9 @@ def main(argv=None) -> int:
         if debug:
             raise
         from .checkpoint import CheckpointError
+        from .parallel import ParallelError
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        if isinstance(e, CheckpointError):
+        if isinstance(e, (CheckpointError, ParallelError)):
             code = 1
         elif isinstance(e, (ValueError, KeyError, OSError)):
             code = 2

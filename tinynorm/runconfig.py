@@ -174,6 +174,8 @@ SPECS = {
     "min_std": (real(gt=0), FIXED),
     "flip": (boolean, FIXED),
     "ddi": (boolean, FIXED),
+    "dtype": (choice(("float32", "float64")), FIXED),
+    "rank_timeout": (real(gt=0), ALLOWED),        # how long to wait, not what is computed
     "diverge_loss": (real(gt=0), FIXED),
     "track_norms_every": (integer(0), ALLOWED),   # 0: off
     "track_signal_every": (integer(0), ALLOWED),  # 0: off

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import __version__, ops
 from . import checkpoint as run_files
+from . import parallel
 from . import runconfig as config_checks
 from .backend import to_numpy
 from .diagnostics import SignalRecorder, weight_coherences
@@ -83,6 +84,8 @@ DEFAULTS = dict(
     min_std=1.0,             # floor of the per-pixel std (grey levels) in the normalizer
     flip=True,
     ddi=False,               # WN data-dependent init on the first batch
+    dtype="float32",         # float32 | float64 (parameters, activations, gradients)
+    rank_timeout=600.0,      # data-parallel runs: abort all ranks when one is silent this long (s)
     diverge_loss=100.0,
     track_norms_every=0,     # record ||output|| of the first and last layers every k iterations
     track_signal_every=0,    # record every unit's output RMS/mean and every layer's coherence
@@ -136,9 +139,13 @@ def make_config(overrides=None, base=None) -> dict:
 # --------------------------------------------------------------------------- data
 
 class _Data:
-    """Training/test splits, the per-pixel normalizer and the batch schedule."""
+    """Training/test splits, the per-pixel normalizer and the batch schedule.
 
-    def __init__(self, cfg):
+    ``part = (rank, ranks)``: this rank's chunk of every global batch (rows
+    rank*B/ranks ... of the batch one process would use) and its contiguous
+    shard of the test set."""
+
+    def __init__(self, cfg, part=(0, 1)):
         from . import datasets
         ds = datasets.load_dataset(cfg["dataset"], cfg["data_root"])
         self.num_classes = ds.num_classes
@@ -165,16 +172,32 @@ class _Data:
                                               prefetch=False)
         self.batches_per_epoch = len(self.batches)
         self._order = (None, None)
+        self.dtype = np.dtype(cfg["dtype"])
+        self.rank, self.ranks = part
+        self.test_shard = self.test
+        if self.ranks > 1:
+            shard = np.array_split(np.arange(len(self.test)), self.ranks)[self.rank]
+            self.test_shard = datasets.SubsetSplit(self.test, shard,
+                                                   f"{self.test.name}[rank {self.rank}]")
 
-    def train_batch(self, epoch, b):
+    def train_batch(self, epoch, b, whole=False):
+        """Batch ``b`` of ``epoch``: this rank's chunk of it (all of it when ``whole``)."""
         if self._order[0] != epoch:
             self._order = (epoch, self.batches.order(epoch))
-        return self.batches.make_batch(epoch, b, self._order[1])
+        # the whole batch is assembled on every rank, so that its augmentation
+        # (drawn per batch, for all of its samples) is the single-process one
+        x, y = self.batches.make_batch(epoch, b, self._order[1])
+        if self.ranks > 1 and not whole:
+            n = len(y) // self.ranks
+            x, y = x[self.rank * n:(self.rank + 1) * n], y[self.rank * n:(self.rank + 1) * n]
+        return x.astype(self.dtype, copy=False), y
 
     def test_batches(self, batch_size):
+        """This rank's shard of the test set, in batches."""
         from .datasets import BatchIterator
-        return BatchIterator(self.test, batch_size, self.transform_test, shuffle=False,
-                             drop_last=False, prefetch=False).epoch(0)
+        batches = BatchIterator(self.test_shard, batch_size, self.transform_test, shuffle=False,
+                                drop_last=False, prefetch=False).epoch(0)
+        return ((x.astype(self.dtype, copy=False), y) for x, y in batches)
 
     def normalizer_arrays(self):
         if self.normalizer is None:
@@ -188,8 +211,11 @@ def _topk_correct(logits, labels, k):
     return int((top == labels[:, None]).any(axis=1).sum())
 
 
-def evaluate(model, batches):
-    """Mean loss, top-1 and top-5 accuracy (in %) of ``model`` in eval mode."""
+def evaluate(model, batches, comm=None):
+    """Mean loss, top-1 and top-5 accuracy (in %) of ``model`` in eval mode.
+
+    With a communicator of several ranks, ``batches`` is this rank's shard and
+    the sums are reduced over the ranks (every rank returns the totals)."""
     was_training = model.training
     model.eval()
     n = loss_sum = top1 = top5 = 0
@@ -204,6 +230,9 @@ def evaluate(model, batches):
             n += len(y)
     finally:
         model.train(was_training)
+    if comm is not None and comm.size > 1:
+        n, loss_sum, top1, top5 = comm.allreduce_sum(
+            np.array([n, loss_sum, top1, top5], np.float64))
     return loss_sum / n, 100.0 * top1 / n, 100.0 * top5 / n
 
 
@@ -268,18 +297,27 @@ class Trainer:
     at :meth:`run` (``run(resume=...)``) and checks the directory there.
     """
 
-    def __init__(self, config: dict, data=None, *, resume=None, overwrite=False):
+    def __init__(self, config: dict, data=None, *, resume=None, overwrite=False, comm=None):
+        # comm: the ranks of a data-parallel run (tinynorm.parallel); every
+        # start-up step that can fail runs through parallel.together, so that a
+        # rank that fails makes every rank fail instead of leaving them waiting
+        self.comm = comm if comm is not None else parallel.world()
+        self.is_writer = self.comm.rank == 0    # rank 0 alone writes the run directory
         given = dict(config or {})
-        self.cfg = config_checks.validate(make_config(given))
+        self.cfg = parallel.together(self.comm, "checking its configuration",
+                                     lambda: config_checks.validate(make_config(given)))
         self.out = Path(self.cfg["out"])
         self._resume, self._overwrite, self._prepared = resume, overwrite, None
         self._ckpt, self._pending_changes = None, []
         self.config_changes = []                 # [{iteration, key, old, new}], kept in the log
+        if self.comm.size > 1:
+            self._check_ranks_agree(self.cfg, "configuration")
+            parallel.together(self.comm, "checking the batch split", self._check_split, self.cfg)
         if resume:
-            if not (self.out / "checkpoint.h5").exists():
-                raise FileNotFoundError(f"nothing to resume: {self.out / 'checkpoint.h5'} "
-                                        f"does not exist")
-            self._ckpt = self._read_checkpoint(self.out / "checkpoint.h5")
+            self._ckpt = parallel.together(self.comm, "reading the checkpoint",
+                                           self._read_own_checkpoint)
+            if self.comm.size > 1:
+                self._ckpt = self.comm.bcast(self._ckpt)
             saved = self._ckpt["config"]
             # the keys the caller set (not the defaults make_config filled in)
             explicit = {k: self.cfg[k] for k, v in given.items()
@@ -290,7 +328,8 @@ class Trainer:
             self.cfg = dict(saved, **explicit)
         if resume is not None:
             self._prepare_dir(resume)
-        self.data = data if data is not None else _Data(self.cfg)
+        self.data = data if data is not None else parallel.together(
+            self.comm, "loading the data", _Data, self.cfg, (self.comm.rank, self.comm.size))
         cfg = self.cfg
         extra = {}
         if cfg["model"] == "deep_linear":
@@ -299,7 +338,8 @@ class Trainer:
         self.model = build_model(cfg["model"], cfg["norm"], in_channels=self.data.in_channels,
                                  num_classes=self.data.num_classes, width=cfg["width"],
                                  seed=cfg["seed"], stem=cfg["stem"], opts=unit_options(cfg),
-                                 depth=cfg["depth"], linear_width=cfg["linear_width"], **extra)
+                                 depth=cfg["depth"], linear_width=cfg["linear_width"],
+                                 dtype=np.dtype(cfg["dtype"]), **extra)
         total = cfg["epochs"] * self.data.batches_per_epoch
         self.schedule = LRSchedule(cfg["schedule"], cfg["lr"], total, cfg["lr_final"],
                                    cfg["power"], cfg["warmup"])
@@ -309,6 +349,9 @@ class Trainer:
         self.status, self.diverged_at, self.diverged_reason = "running", -1, ""
         self.interrupted_reason = ""           # the signal, or the write that failed
         self._stop, self._stop_reason = False, ""
+        self._signal = 0                       # the last signal this process received
+        self._reducer = parallel.StepReducer(self.comm, self.model) if self.comm.size > 1 else None
+        self._watchdog = parallel.Watchdog(self.comm, cfg["rank_timeout"])
         self._probe = {}
         self._recorder = SignalRecorder(self.model)
         self.series_names = {"signal": [], "coherence": []}
@@ -316,6 +359,60 @@ class Trainer:
         layers = dict(self.model.named_layers())
         for role, name in getattr(self.model, "probe_layers", {}).items():
             self._probe[role] = layers[name]
+
+    # -- ranks -------------------------------------------------------------------
+    def _check_ranks_agree(self, cfg, what):
+        """ParallelError on every rank naming the keys in which the ranks' ``cfg`` differ."""
+        all_cfgs = self.comm.allgather(cfg)
+        differ = []
+        for rank, other in enumerate(all_cfgs):
+            for key in sorted(set(other) | set(all_cfgs[0])):
+                if other.get(key) != all_cfgs[0].get(key):
+                    differ.append(f"{key!r} is {all_cfgs[0].get(key)!r} on rank 0 but "
+                                  f"{other.get(key)!r} on rank {rank}")
+        if differ:
+            raise parallel.ParallelError(f"the ranks were started with different {what}s: "
+                                         + "; ".join(differ[:5]))
+
+    def _check_split(self, cfg):
+        ranks, batch = self.comm.size, cfg["batch_size"]
+        if batch % ranks:
+            raise config_checks.ConfigError(
+                f"batch_size {batch} is not divisible by the {ranks} ranks (batch_size is the "
+                f"global batch; every rank takes batch_size / ranks samples)")
+        chunk = cfg["bn_chunk"]
+        if chunk and (batch // ranks) % chunk:
+            raise config_checks.ConfigError(
+                f"bn_chunk {chunk} does not divide the {batch // ranks} samples of each of "
+                f"the {ranks} ranks")
+
+    def _read_own_checkpoint(self, path=None, missing="nothing to resume"):
+        # rank 0 reads and verifies it; the others receive it (no shared file system needed)
+        if not self.is_writer:
+            return None
+        path = Path(path) if path else self.out / "checkpoint.h5"
+        if missing and not path.exists():
+            raise FileNotFoundError(f"{missing}: {path} does not exist")
+        ck = self._read_checkpoint(path)
+        ranks = int(ck["attrs"]["/"].get("ranks", 1))
+        if ranks != self.comm.size:
+            raise parallel.ParallelError(
+                f"{path} was written by a run on {ranks} rank(s); resume it on {ranks} "
+                f"(started on {self.comm.size}): the batch split and BN statistics depend on it")
+        return ck
+
+    def _verify_ranks(self):
+        """ParallelError when the ranks' parameters or buffers are no longer identical."""
+        sums = self.comm.allgather(parallel.state_checksum(self.model))
+        bad = [r for r, c in enumerate(sums) if c != sums[0]]
+        if bad:
+            message = (f"the parameters of rank(s) {', '.join(map(str, bad))} differ from "
+                       f"rank 0's at iteration {self.opt.iteration} (checksums "
+                       f"{', '.join(f'{c:08x}' for c in sums)}); the run stops")
+            self.status, self.interrupted_reason = "interrupted", message
+            if self.is_writer:                   # the log says why; the last checkpoint stays
+                self._persist_here(self.write_log)
+            raise parallel.ParallelError(message)
 
     # -- persistence -------------------------------------------------------------
     def _fill_log(self, f):
@@ -327,6 +424,7 @@ class Trainer:
         f.attrs["config_changes"] = json.dumps(self.config_changes)
         f.attrs["tinynorm_version"] = __version__
         f.attrs["num_parameters"] = self.model.num_parameters()
+        f.attrs["ranks"] = self.comm.size
         for group, series in self.log.items():
             g = f.create_group(group)
             for key, values in series.items():
@@ -348,6 +446,7 @@ class Trainer:
             self._fill_log(f.create_group("log"))
             f.attrs["epoch"], f.attrs["batch"] = self.epoch, self.batch
             f.attrs["iteration"] = self.opt.iteration
+            f.attrs["ranks"] = self.comm.size
             for name, arr in self.model.state_dict().items():
                 f.create_dataset(f"model/{name}", data=to_numpy(arr))
             for name, arr in self.opt.velocity.items():
@@ -383,7 +482,10 @@ class Trainer:
         path = Path(path) if path else self.out / "checkpoint.h5"
         ck, self._ckpt = self._ckpt, None
         if ck is None or ck["path"] != path:
-            ck = self._read_checkpoint(path)
+            ck = parallel.together(self.comm, "reading the checkpoint", self._read_own_checkpoint,
+                                   path, missing=None)
+            if self.comm.size > 1:
+                ck = self.comm.bcast(ck)
             self._pending_changes = config_checks.resume_changes(ck["config"], self.cfg,
                                                                  where=str(path))
         arrays, log_attrs = ck["arrays"], ck["log_attrs"]
@@ -412,7 +514,12 @@ class Trainer:
 
     def _prepare_dir(self, resume):
         """Before any work: refuse to reuse a directory that holds another run,
-        check that the directory is writable (creating it)."""
+        check that the directory is writable (creating it).  Rank 0's work."""
+        parallel.together(self.comm, "preparing the run directory",
+                          self._prepare_own_dir if self.is_writer else lambda r: None, resume)
+        self._prepared = resume
+
+    def _prepare_own_dir(self, resume):
         holds = run_files.holds_a_run(self.out)
         if not resume and holds and not self._overwrite:
             raise run_files.RunDirError(
@@ -420,7 +527,6 @@ class Trainer:
                               f"({', '.join(holds)}); pass --resume to continue it or "
                               f"--overwrite to replace it")
         run_files.probe_run_dir(self.out)
-        self._prepared = resume
 
     def _checkpoint_bytes(self):
         # parameters + buffers, one velocity per parameter, the log series at the end
@@ -430,8 +536,19 @@ class Trainer:
         return state + velocity + 8 * iters * len(SERIES["iter"]) + (1 << 20)
 
     def _persist(self, write):
-        """Run ``write`` (save_checkpoint / write_log); on OSError end the run as
-        interrupted with the reason instead of crashing.  True when written."""
+        """Run ``write`` (save_checkpoint / write_log) on rank 0; on OSError end the
+        run as interrupted with the reason instead of crashing.  True when written.
+        With several ranks the outcome is broadcast, so that every rank stops."""
+        if self.comm.size > 1:
+            if write == self.save_checkpoint:
+                self._verify_ranks()             # never checkpoint ranks that disagree
+            ok = self._persist_here(write) if self.is_writer else None
+            ok, self.status, self.interrupted_reason = self.comm.bcast(
+                (ok, self.status, self.interrupted_reason))
+            return ok
+        return self._persist_here(write)
+
+    def _persist_here(self, write):
         try:
             write()
             return True
@@ -460,7 +577,8 @@ class Trainer:
         losses = [l for l, m in zip(it["loss"], mask) if m]
         accs = [a for a, m in zip(it["train_acc"], mask) if m]
         if (epoch + 1) % self.cfg["eval_every"] == 0 or force_eval:
-            test = evaluate(self.model, self.data.test_batches(self.cfg["eval_batch_size"]))
+            test = evaluate(self.model, self.data.test_batches(self.cfg["eval_batch_size"]),
+                            self.comm)
         else:
             test = (math.nan,) * 3
         row = dict(epoch=epoch, iteration=self.opt.iteration,
@@ -473,8 +591,11 @@ class Trainer:
         return row
 
     def _on_signal(self, signum, frame):
-        # SIGINT, SIGTERM, SIGHUP: finish the current batch, then checkpoint and stop
-        self._stop, self._stop_reason = True, signal.Signals(signum).name
+        # SIGINT, SIGTERM, SIGHUP: finish the current batch, then checkpoint and stop.
+        # With several ranks the step's reduction tells every rank (see _reduce_step).
+        self._signal = signum
+        if self.comm.size == 1:
+            self._stop, self._stop_reason = True, signal.Signals(signum).name
 
     def run(self, resume=None):
         """Train; return the final status (completed, diverged, interrupted).
@@ -486,17 +607,25 @@ class Trainer:
         resume = bool(self._resume) if resume is None else bool(resume)
         if self._prepared is None or self._prepared != resume:
             self._prepare_dir(resume)
-        unlock = run_files.lock_run_dir(self.out)     # one process per run directory
-        try:
+
+        def lock():
+            if not self.is_writer:
+                return lambda: None
+            unlock = run_files.lock_run_dir(self.out)     # one process per run directory
             # a killed writer's temporary files (never another live run's: we hold the lock)
             run_files.remove_stale_tmp(self.out)
+            return unlock
+        unlock = parallel.together(self.comm, "locking the run directory", lock)
+        try:
             return self._run(resume)
         finally:
             unlock()
 
     def _run(self, resume):
         cfg = self.cfg
-        run_files.probe_run_dir(self.out, 2 * self._checkpoint_bytes())
+        parallel.together(self.comm, "checking the free space",
+                          lambda: self.is_writer and run_files.probe_run_dir(
+                              self.out, 2 * self._checkpoint_bytes()))
         if resume:
             self.load_checkpoint()
             max_iters = cfg["max_iters"]
@@ -507,11 +636,12 @@ class Trainer:
                 return self.status
             self.status, self.interrupted_reason = "running", ""
         else:
-            if self._overwrite:
+            if self._overwrite and self.is_writer:
                 run_files.clear_run_dir(self.out)
             if cfg["ddi"]:
                 from .nn import data_dependent_init
-                x0, _ = self.data.train_batch(0, 0)
+                # the whole first batch on every rank: the same initialization everywhere
+                x0, _ = self.data.train_batch(0, 0, whole=True)
                 data_dependent_init(self.model, x0)
         self.model.train()
         previous = {}
@@ -536,10 +666,11 @@ class Trainer:
         n_batches = self.data.batches_per_epoch
         max_iters = cfg["max_iters"]
         bar = None
+        ranks = self.comm.size
         while self.epoch < cfg["epochs"]:
             epoch = self.epoch
             t0, n_images = time.perf_counter(), 0
-            if cfg["progress"]:
+            if cfg["progress"] and self.is_writer:
                 from tqdm import tqdm
                 bar = tqdm(total=n_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                            unit="it", leave=False, dynamic_ncols=True)
@@ -563,23 +694,31 @@ class Trainer:
                     logits = self.model(x)
                 loss, dlogits = ops.softmax_cross_entropy(logits, y)
                 loss = float(loss)
-                acc = 100.0 * _topk_correct(to_numpy(logits), y, 1) / len(y)
+                correct = _topk_correct(to_numpy(logits), y, 1)
+                norms = [self._probe[r].output_norm if r in self._probe else math.nan
+                         for r in ("first", "last")]
+                if ranks > 1:
+                    # every rank's gradients first, then one reduction (gradients,
+                    # running statistics, loss, accuracy, output norms, stop flags)
+                    self.model.backward(dlogits)
+                    loss, correct, norms = self._reduce_step(loss, correct, norms)
+                acc = 100.0 * correct / (len(y) * ranks)
                 it = self.opt.iteration
                 if track:
                     self.log["norms"]["iteration"].append(it)
-                    for role in ("first", "last"):
-                        layer = self._probe.get(role)
-                        self.log["norms"][role].append(layer.output_norm if layer else math.nan)
+                    for role, value in zip(("first", "last"), norms):
+                        self.log["norms"][role].append(value)
                 if not math.isfinite(loss) or loss > cfg["diverge_loss"]:
                     self._record_iter(it, epoch, loss, self.opt.lr, acc)
                     self._diverge("non-finite loss" if not math.isfinite(loss)
                                   else f"loss {loss:.4g} > diverge_loss {cfg['diverge_loss']:g}")
                     break
-                self.model.backward(dlogits)
+                if ranks == 1:
+                    self.model.backward(dlogits)
                 lr = self.opt.step()
                 self._record_iter(it, epoch, loss, lr, acc)
                 self.batch += 1
-                n_images += len(y)
+                n_images += len(y) * ranks
                 if bar is not None:
                     dt = time.perf_counter() - t0
                     bar.set_postfix_str(f"loss {loss:.4f} acc {acc:5.1f}% lr {lr:.2e} "
@@ -604,7 +743,7 @@ class Trainer:
                 self.status = "completed"
             if not (self._persist(self.save_checkpoint) and self._persist(self.write_log)):
                 return
-            if cfg["progress"]:
+            if cfg["progress"] and self.is_writer:
                 print(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {row['train_loss']:.4f} "
                       f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
                       f"top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}%  "
@@ -613,13 +752,39 @@ class Trainer:
                 return
         self.status = "completed"
 
+    def _reduce_step(self, loss, correct, norms):
+        """The step's one reduction over the ranks (tinynorm.parallel.StepReducer):
+        gradients and running statistics averaged in place; the global batch's
+        mean loss, its number of correct predictions and the probed layers'
+        output norms returned.  A signal received by any rank stops every rank
+        after this step."""
+        ranks, rank = self.comm.size, self.comm.rank
+        stops = [0.0] * ranks
+        stops[rank] = float(self._signal)
+        squares = [v * v for v in norms]         # ||y||^2 adds over the ranks' chunks
+        with self._watchdog:
+            sums = self._reducer.reduce([loss, correct, *squares, *stops])
+        signals = [(r, int(s)) for r, s in enumerate(sums[4:]) if s]
+        if signals and not self._stop:
+            r, signum = signals[0]
+            name = signal.Signals(signum).name
+            self._stop, self._stop_reason = True, name if r == rank else f"{name} on rank {r}"
+        return float(sums[0]) / ranks, int(round(sums[1])), [math.sqrt(v) for v in sums[2:4]]
+
     def _record_signal(self, it, rec):
         self.series_names["signal"] = list(rec.names)
         self.signal_kinds = list(rec.kinds)
+        rms, mean = list(rec.rms), list(rec.mean)
+        if self.comm.size > 1:
+            # equal chunks: the batch's mean square and mean are the ranks' averages
+            k = len(rms)
+            sums = self.comm.allreduce_sum(np.array([r * r for r in rms] + mean, np.float64))
+            sums /= self.comm.size
+            rms, mean = [math.sqrt(v) for v in sums[:k]], [float(v) for v in sums[k:]]
         s = self.log["signal"]
         s["iteration"].append(it)
-        s["rms"].append(list(rec.rms))
-        s["mean"].append(list(rec.mean))
+        s["rms"].append(rms)
+        s["mean"].append(mean)
 
     def _record_coherence(self, it):
         names, values = weight_coherences(self.model)
