@@ -403,6 +403,9 @@ def main(argv=None) -> int:
             code = 1
             message = (f"{type(e).__name__}: {message} (an internal error; rerun with --debug "
                        f"for the traceback)")
+        from .parallel import launched_rank, launched_size
+        if launched_size() > 1:          # under mpirun every rank reports: say which
+            message = f"rank {launched_rank()}: {message}"
         sys.stderr.write(f"tinynorm: error: {message}\n")
         return code
     finally:

@@ -24,9 +24,9 @@ NumPy arrays are reduced by MPI; CuPy arrays by NCCL (``cupy.cuda.nccl``), one
 rank per GPU, the communicator's id broadcast over MPI.  The NCCL path has
 never run on a GPU (the developers' machines have none).
 
-Without a launcher (no ``PMI_SIZE`` / ``OMPI_COMM_WORLD_SIZE`` / ... in the
-environment), or with one rank, :func:`world` is a :class:`SingleProcess` and
-mpi4py is not imported.
+Without a launcher (none of ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``,
+``MV2_COMM_WORLD_SIZE`` in the environment), or with one rank, :func:`world`
+is a :class:`SingleProcess` and mpi4py is not imported.
 """
 from __future__ import annotations
 
@@ -39,12 +39,13 @@ import numpy as np
 
 from .backend import get_array_module, to_numpy
 
-__all__ = ["ParallelError", "world", "launched_size", "SingleProcess", "MPIComm",
-           "StepReducer", "together", "state_checksum", "limit_threads"]
+__all__ = ["ParallelError", "world", "launched_size", "launched_rank", "SingleProcess", "MPIComm",
+           "StepReducer", "together", "state_checksum", "limit_threads", "use_local_gpu"]
 
-# environment variables in which MPI launchers announce the number of ranks
-_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
-              "MPI_LOCALNRANKS")
+# where MPI launchers announce the number of ranks and this process's rank
+# (Open MPI, MPICH's hydra, MVAPICH)
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 
 class ParallelError(RuntimeError):
@@ -53,11 +54,20 @@ class ParallelError(RuntimeError):
 
 def launched_size() -> int:
     """The number of ranks an MPI launcher announced in the environment (1 if none)."""
-    for var in _SIZE_VARS[:-1]:
+    for var in _SIZE_VARS:
         value = os.environ.get(var)
         if value and value.isdigit():
             return int(value)
     return 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the MPI launcher announced it (0 if none)."""
+    for var in _RANK_VARS:
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
 
 
 class SingleProcess:
@@ -182,6 +192,19 @@ def limit_threads(comm):
     except Exception:  # numba absent or its threading layer not started: nothing to limit
         pass
     return threads
+
+
+def use_local_gpu(comm):
+    """One rank per GPU: make GPU ``local_rank`` this process's current device.
+
+    ParallelError when the node has fewer GPUs than ranks.  Never run on a GPU."""
+    from . import backend
+    count = backend.cupy.cuda.runtime.getDeviceCount()
+    if comm.local_size > count:
+        raise ParallelError(f"{comm.local_size} ranks on this node but {count} GPU(s): "
+                            f"start one rank per GPU")
+    backend.cupy.cuda.Device(comm.local_rank).use()
+    return comm.local_rank
 
 
 def together(comm, what, fn, *args, **kwargs):

@@ -403,7 +403,9 @@ class Trainer:
 
     def _verify_ranks(self):
         """ParallelError when the ranks' parameters or buffers are no longer identical."""
-        sums = self.comm.allgather(parallel.state_checksum(self.model))
+        crc = parallel.state_checksum(self.model)
+        with self._watchdog:
+            sums = self.comm.allgather(crc)
         bad = [r for r, c in enumerate(sums) if c != sums[0]]
         if bad:
             message = (f"the parameters of rank(s) {', '.join(map(str, bad))} differ from "
@@ -543,8 +545,9 @@ class Trainer:
             if write == self.save_checkpoint:
                 self._verify_ranks()             # never checkpoint ranks that disagree
             ok = self._persist_here(write) if self.is_writer else None
-            ok, self.status, self.interrupted_reason = self.comm.bcast(
-                (ok, self.status, self.interrupted_reason))
+            with self._watchdog:                 # the others wait here for rank 0's write
+                ok, self.status, self.interrupted_reason = self.comm.bcast(
+                    (ok, self.status, self.interrupted_reason))
             return ok
         return self._persist_here(write)
 
