@@ -245,6 +245,25 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_resume_is_exact(
 
 
 @needs_mpi
+def test_ctrl_c_to_mpirun_stops_every_rank_with_one_checkpoint(tmp_path):
+    proc = _mpirun(dict(RUN, epochs=100, out=str(tmp_path / "run")), wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "checkpoint.h5").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)          # mpirun forwards it to every rank
+    out = proc.communicate(timeout=120)[0]
+    assert "rank 0: interrupted SIGINT" in out and "rank 1: interrupted SIGINT" in out, out
+    log = read_log(tmp_path / "run")
+    assert log["status"] == "interrupted" and log["interrupted_reason"] == "SIGINT"
+    # the checkpoint is the stop's: its position is the log's last iteration
+    import h5py
+    with h5py.File(tmp_path / "run" / "checkpoint.h5", "r") as f:
+        assert int(f.attrs["iteration"]) == len(log["iter"]["loss"])
+        assert int(f.attrs["ranks"]) == 2
+
+
+@needs_mpi
 def test_a_rank_that_dies_ends_the_run_without_a_hang(tmp_path):
     t0 = time.time()
     r = _mpirun(dict(RUN, out=str(tmp_path / "run")), fault="die", timeout=120)
