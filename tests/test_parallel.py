@@ -290,3 +290,21 @@ def test_ranks_whose_parameters_drift_apart_stop_with_a_named_error(tmp_path):
     log = read_log(tmp_path / "run")
     assert log["status"] == "interrupted" and "differ from rank 0's" in log["interrupted_reason"]
     assert not (tmp_path / "run" / "checkpoint.h5").exists()
+
+
+@needs_mpi
+def test_an_experiment_script_under_mpirun_writes_its_figure_once(tmp_path):
+    script = ROOT / "experiments" / "linear_divergence.py"
+    r = subprocess.run(["mpirun", "-np", "2", sys.executable, str(script), "--preset", "smoke",
+                        "--runs", str(tmp_path), "--no-progress"], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    base = tmp_path / "smoke" / "linear_divergence"
+    assert (base / "linear_divergence.png").exists()
+    logs = sorted((base / "logs").glob("*.h5"))
+    assert len(logs) == 9
+    # rank 0 alone reports: one line per variant
+    assert r.stdout.count("[linear_divergence] wn_lr1e-03: starting") == 1
+    import h5py
+    with h5py.File(logs[0], "r") as f:
+        assert int(f.attrs["ranks"]) == 2
