@@ -112,16 +112,18 @@ class BatchIterator:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return x, np.asarray(labels, dtype=np.int64)
 
-    def epoch(self, epoch):
-        """A generator over the batches of ``epoch``."""
-        epoch = int(epoch)
+    def epoch(self, epoch, start=0, prefetch=None):
+        """A generator over the batches ``start, start+1, ...`` of ``epoch``;
+        ``prefetch`` None: the iterator's setting."""
+        epoch, start = int(epoch), int(start)
         order = self.order(epoch)
         num_batches = len(self)
-        if self.prefetch and num_batches > 1:
-            return self._prefetched(epoch, order, num_batches)
-        return (self.make_batch(epoch, b, order) for b in range(num_batches))
+        prefetch = self.prefetch if prefetch is None else bool(prefetch)
+        if prefetch and num_batches - start > 1:
+            return self._prefetched(epoch, order, num_batches, start)
+        return (self.make_batch(epoch, b, order) for b in range(start, num_batches))
 
-    def _prefetched(self, epoch, order, num_batches):
+    def _prefetched(self, epoch, order, num_batches, start=0):
         # One worker thread makes batches in order and hands them over through a
         # queue of size 1: it works on batch b+1 while the caller uses batch b.
         # NumPy releases the GIL in its copy and arithmetic kernels, so the two
@@ -141,7 +143,7 @@ class BatchIterator:
 
         def work():
             try:
-                for b in range(num_batches):
+                for b in range(start, num_batches):
                     if stop.is_set() or not put(("batch", self.make_batch(epoch, b, order))):
                         return
             except BaseException as e:  # handed to the caller, re-raised there
@@ -150,7 +152,7 @@ class BatchIterator:
         worker = threading.Thread(target=work, name=f"BatchIterator-epoch{epoch}", daemon=True)
         worker.start()
         try:
-            for _ in range(num_batches):
+            for _ in range(start, num_batches):
                 kind, item = handoff.get()
                 if kind == "error":
                     raise item
