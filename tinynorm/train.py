@@ -146,9 +146,11 @@ def make_config(overrides=None, base=None) -> dict:
 class _Data:
     """Training/test splits, the per-pixel normalizer and the batch schedule."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, dataset=None):
         from . import datasets
-        ds = datasets.load_dataset(cfg["dataset"], cfg["data_root"])
+        # dataset: an in-memory tinynorm.datasets.Dataset (tests); else loaded by name
+        ds = dataset if dataset is not None else datasets.load_dataset(cfg["dataset"],
+                                                                       cfg["data_root"])
         self.num_classes = ds.num_classes
         self.train, self.test = ds.train, ds.test
         if cfg["train_limit"]:
