@@ -139,6 +139,13 @@ def test_prefetched_batches_from_any_start_are_the_batches(synthetic_dataset):
             np.testing.assert_array_equal(y, y_ref)
     via_trainer = list(data.train_batches(1, 2, "cpu"))
     np.testing.assert_array_equal(via_trainer[0][0], data.train_batch(1, 2)[0])
+    # the GPU trainer's worker: train_batch made one ahead in a thread
+    from tinynorm.datasets.loader import prefetched
+    ahead = list(prefetched(lambda b: data.train_batch(1, b), range(2, data.batches_per_epoch)))
+    assert len(ahead) == len(via_trainer) == data.batches_per_epoch - 2
+    for (x, y), (x_ref, y_ref) in zip(ahead, via_trainer):
+        np.testing.assert_array_equal(x, x_ref)
+        np.testing.assert_array_equal(y, y_ref)
 
 
 def test_trainer_runs_checkpoints_and_resumes_on_its_device(tmp_path, synthetic_dataset):

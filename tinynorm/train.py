@@ -193,7 +193,11 @@ class _Data:
             for b in range(start, self.batches_per_epoch):
                 yield self.train_batch(epoch, b)
             return
-        host = self.batches.epoch(epoch, start=start, prefetch=True)
+        from .datasets.loader import prefetched
+        # train_batch in the worker: the one definition of a batch (the worker is
+        # its only caller while the epoch runs)
+        host = prefetched(lambda b: self.train_batch(epoch, b),
+                          range(start, self.batches_per_epoch), name=f"train-epoch{epoch}")
         stager = backend.HostToDevice(device)
         pending = None
         try:
