@@ -6,6 +6,10 @@ Every experiment has three presets:
 * ``cpu``   -- scaled to this 2-core machine on Fashion-MNIST; committed logs and figures;
 * ``smoke`` -- under two minutes; used by the tests and the README's first command.
 
+``--device cpu|gpu`` says where the runs train; by default the ``paper`` preset
+takes the GPU when one is usable (``tinynorm.backend.default_device``) and the
+other presets the CPU.
+
 Run directories: ``runs/<preset>/<experiment>/<variant>/`` (checkpoint.h5, log.h5).
 Finished logs are copied to ``plots/logs/<experiment>/<variant>.h5`` for the
 ``cpu`` preset (committed, so the figures can be redrawn without training) and
@@ -28,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tinynorm import parallel  # noqa: E402
-from tinynorm.backend import tune_allocator  # noqa: E402
+from tinynorm.backend import check_device, default_device, tune_allocator  # noqa: E402
 from tinynorm.train import Trainer, read_log  # noqa: E402
 
 tune_allocator()   # the experiment scripts are entry points: no page faults per step
@@ -44,9 +48,25 @@ def parse_args(description, extra=None):
     p.add_argument("--data-root", default=None, help="data set directory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from the logs")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="where to train (default: gpu for the paper preset when one is "
+                        "usable, else cpu)")
     if extra:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    args.device = resolve_device(args.preset, args.device)
+    return args
+
+
+def resolve_device(preset, device=None):
+    """The device of a run: the one asked for (checked: a missing GPU is a
+    one-line error), else "gpu" for the paper preset when one is usable, else "cpu"."""
+    if device is None:
+        device = default_device() if preset == "paper" else "cpu"
+    try:
+        return check_device(device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def log_dir(preset, experiment, runs_root):
@@ -80,7 +100,8 @@ def run_variants(experiment, variants, args):
         if only and name not in only:
             continue
         out = Path(args.runs) / args.preset / experiment / name
-        cfg = dict(cfg, out=str(out), progress=not args.no_progress)
+        cfg = dict(cfg, out=str(out), progress=not args.no_progress,
+                   device=getattr(args, "device", None) or "cpu")
         if args.data_root:
             cfg["data_root"] = args.data_root
         log_copy = dest / f"{name}.h5"

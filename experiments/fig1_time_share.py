@@ -17,6 +17,7 @@ import json
 from common import ROOT, figure_path, log_dir, parse_args
 import numpy as np  # after common, which imports tinynorm first (OPENBLAS_THREAD_TIMEOUT)
 
+from tinynorm.backend import to_device
 from tinynorm.models import cifar10_nv, resnet50
 from tinynorm.profile import format_profile, profile_step
 
@@ -45,10 +46,14 @@ def main():
             "cifar10-nv (BN)": (cifar10_nv("bn", 3, 10, p["nv"]["width"]), p["nv"]["input"], 10),
         }
         for name, (model, shape, classes) in models.items():
-            x = rng.standard_normal((p["batch"],) + shape).astype(np.float32)
-            y = rng.integers(0, classes, p["batch"])
+            model.to(args.device)
+            x = to_device(rng.standard_normal((p["batch"],) + shape).astype(np.float32),
+                          args.device)
+            y = to_device(rng.integers(0, classes, p["batch"]), args.device)
             res = profile_step(model, x, y, steps=p["steps"])
-            print(f"{name}, batch {p['batch']}, input {'x'.join(map(str, shape))}")
+            res["device"] = args.device
+            print(f"{name}, batch {p['batch']}, input {'x'.join(map(str, shape))}, "
+                  f"{args.device}")
             print(format_profile(res) + "\n")
             results[name] = res
         (out_dir / "profile.json").write_text(json.dumps(results, indent=1))

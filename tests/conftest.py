@@ -1,18 +1,46 @@
+import os
+
 import numpy as np
 import pytest
 
 from tinynorm import backend
 
+# TINYNORM_REQUIRE_GPU=1: a test marked `gpu` FAILS where no GPU is usable instead of
+# being skipped -- on a machine that is meant to have one, a skip would hide a broken
+# CuPy / CUDA install behind a green run (experiments/gpu_check.sh sets it)
+REQUIRE_GPU = os.environ.get("TINYNORM_REQUIRE_GPU", "") not in ("", "0")
 
-def pytest_collection_modifyitems(config, items):
-    if backend.gpu_available():
+
+def pytest_runtest_setup(item):
+    if "gpu" not in item.keywords or backend.gpu_available():
         return
-    skip = pytest.mark.skip(reason="no GPU: cupy is missing or cupy.is_available() is False")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    why = backend._gpu_unusable_reason() or "cupy.is_available() is False"
+    if REQUIRE_GPU:
+        pytest.fail(f"TINYNORM_REQUIRE_GPU=1 but no GPU is usable: {why}", pytrace=False)
+    pytest.skip(f"no GPU: {why}")
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def synthetic_dataset():
+    """A factory: an in-memory Fashion-MNIST-shaped Dataset (uint8 1x28x28, 10
+    classes) whose label is learnable from the image (a bright band per class),
+    for trainer runs that must not depend on installed data (the GPU machines)."""
+    from tinynorm.datasets.base import ArraySplit, Dataset
+
+    def make(n_train=256, n_test=64, seed=0):
+        rng = np.random.default_rng(seed)
+
+        def split(n, name):
+            labels = rng.integers(0, 10, n)
+            images = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
+            for i, c in enumerate(labels):
+                images[i, 0, 2 + 2 * c:4 + 2 * c, :] = 220
+            return ArraySplit(images, labels, 10, f"synthetic/{name}")
+        return Dataset("fashion-mnist", split(n_train, "train"), split(n_test, "test"), 10,
+                       source="synthetic")
+    return make

@@ -6,6 +6,11 @@
     tinynorm profile --model M ...     time per layer type of a training step (Figure 1)
     tinynorm signal [RUN_DIR] ...      RMS/mean of every unit's output on a real batch,
                                        and every layer's weight coherence
+    tinynorm info                      versions (NumPy, CuPy, CUDA, cuDNN) and the
+                                       convolution path a GPU run would take
+
+train, eval, profile and signal take ``--device cpu|gpu`` (default cpu); asking
+for a GPU where none is usable is a one-line error.
 
 A mistake (a bad flag or configuration value, a missing file, a directory that
 holds another run) is one line on stderr, ``tinynorm: error: ...``, and exit
@@ -134,6 +139,8 @@ TRAIN_FLAGS = {
     "--rank-timeout": ("rank_timeout", float,
                        "under mpirun: abort all ranks when one is silent this many seconds"),
     "--out": ("out", str, "run directory (log.h5, checkpoint.h5)"),
+    "--device": ("device", str, "cpu | gpu: where the model, optimizer state and batches "
+                                "live (default cpu)"),
 }
 
 
@@ -190,7 +197,10 @@ def _cmd_eval(args) -> int:
     run = Path(args.run)
     ckpt = run / "checkpoint.h5" if run.is_dir() else run
     ck = Trainer._read_checkpoint(ckpt)        # verified; the configuration comes from it
-    trainer = Trainer(dict(ck["config"], out=str(ckpt.parent), progress=False))
+    cfg = dict(ck["config"], out=str(ckpt.parent), progress=False)
+    if args.device is not None:                # e.g. a GPU run evaluated on the CPU
+        cfg["device"] = args.device
+    trainer = Trainer(cfg)
     trainer._ckpt = ck
     trainer.load_checkpoint(ckpt)
     cfg = trainer.cfg
@@ -205,21 +215,23 @@ def _cmd_profile(args) -> int:
 
     import numpy as np
 
+    from .backend import check_device, to_device
     from .models import build_model
     from .profile import format_profile, profile_step
+    device = check_device(args.device)         # before the model is built
     c, h, w = (int(v) for v in args.input.split("x"))
     model = build_model(args.model, args.norm, in_channels=c, num_classes=args.classes,
                         width=args.width, stem=args.stem, bn_chunk=args.bn_chunk,
                         in_features=c * h * w,
                         opts=dict(init=args.init, wn_g_init=args.wn_g_init,
                                   normprop_scale=args.normprop_scale,
-                                  residual_scale=args.residual_scale))
+                                  residual_scale=args.residual_scale)).to(device)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch_size, c, h, w)).astype(np.float32)
-    y = rng.integers(0, args.classes, args.batch_size)
+    x = to_device(rng.standard_normal((args.batch_size, c, h, w)).astype(np.float32), device)
+    y = to_device(rng.integers(0, args.classes, args.batch_size), device)
     result = profile_step(model, x, y, steps=args.steps)
     print(f"{args.model} norm={args.norm} width={args.width} batch={args.batch_size} "
-          f"input={args.input}")
+          f"input={args.input} device={device}")
     print(format_profile(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +261,9 @@ def _cmd_signal(args) -> int:
     if args.run:
         trainer.load_checkpoint(ckpt)
         where = f"{ckpt} (iteration {trainer.opt.iteration})"
+    from .backend import to_device
     x, _ = trainer.data.train_batch(0, 0)
-    result = measure_signal(trainer.model, x)
+    result = measure_signal(trainer.model, to_device(x, trainer.cfg["device"]))
     names, values = weight_coherences(trainer.model)
     print(f"{cfg['model']} norm={cfg['norm']} width={cfg['width']} init={cfg['init']} "
           f"wn_g_init={cfg['wn_g_init']} normprop_scale={cfg['normprop_scale']} "
@@ -266,6 +279,36 @@ def _cmd_signal(args) -> int:
         Path(args.json).write_text(json.dumps(
             {"config": cfg, "where": where, "signal": result,
              "coherence": {"name": names, "value": values}}, indent=1))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from . import __version__, backend, config
+    from .ops.conv import cudnn
+    v = backend.versions()
+    print(f"tinynorm {__version__}")
+    print(f"numpy {v['numpy']}, numba {v['numba']}")
+    print(f"cupy {v['cupy']}")
+    if v["gpu_unusable"]:
+        print(f"GPU: not usable: {v['gpu_unusable']}")
+    else:
+        print(f"GPU: {v.get('gpu', '?')}; CUDA runtime {v.get('cuda_runtime', '?')}, "
+              f"driver {v.get('cuda_driver', '?')}")
+    ok, reason = cudnn.status()
+    print(f"cuDNN: {cudnn.version()} (through the cuDNN frontend)" if ok
+          else f"cuDNN: unavailable: {reason}")
+    settings = config.current()
+    if v["gpu_unusable"]:
+        path = "none (no GPU; CPU convolutions take the numba plans, see tinynorm.ops.conv_plan)"
+    elif settings.force_generic or not settings.use_cudnn:
+        path = "generic (im2col + matmul): " + ("force_generic is on" if settings.force_generic
+                                                else "use_cudnn is off")
+    elif ok:
+        path = (f"cudnn (cuDNN frontend graphs), float32 "
+                f"{'may use TF32' if settings.allow_tf32 else 'without TF32'}")
+    else:
+        path = f"generic (im2col + cupy.matmul): {reason}"
+    print(f"GPU convolution path: {path}")
     return 0
 
 
@@ -304,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on the test set")
     p.add_argument("run", help="run directory or checkpoint.h5")
+    p.add_argument("--device", default=None, help="cpu | gpu (default: the run's)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("profile", help="time per layer type of a training step (Figure 1)")
@@ -322,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=1.21)
     p.add_argument("--residual-scale", dest="residual_scale", type=_residual_scale,
                    default="auto")
+    p.add_argument("--device", default="cpu", help="cpu | gpu (default cpu)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_profile)
 
@@ -332,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_signal)
+
+    p = sub.add_parser("info", help="versions (NumPy, CuPy, CUDA, cuDNN) and the GPU "
+                                    "convolution path")
+    p.set_defaults(func=_cmd_info)
 
     for p in [parser, *sub.choices.values()]:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

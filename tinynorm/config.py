@@ -23,6 +23,11 @@ thread started with ``threading.Thread`` begins at the defaults; the worker
 threads tinynorm starts itself (the convolution pipeline, split GEMMs) run in
 a copy of their caller's context, so they see the caller's settings.
 
+``force_generic=True`` makes NumPy arrays take exactly the branches CuPy arrays
+take (the array-generic expressions and the ``generic`` convolution plan, no
+numba kernel; CuPy arrays then skip cuDNN too): the CPU tests hold that code
+to the fast CPU paths, so the GPU runs code that is tested without a GPU.
+
 The environment variable ``TINYNORM_NO_NUMBA=1`` (read once, at import) sets
 the default of ``use_numba`` to False: every op then runs its array code
 (convolution the array-generic im2col + matmul, batch norm, pooling and ReLU
@@ -40,7 +45,8 @@ import numbers
 import os
 from typing import Optional, Union
 
-__all__ = ["Settings", "SETTINGS", "using", "get", "current", "defaults", "describe"]
+__all__ = ["Settings", "SETTINGS", "using", "get", "current", "defaults", "describe",
+           "numba_enabled"]
 
 
 def _numba_default() -> bool:
@@ -56,6 +62,7 @@ class Settings:
     winograd_tile: int = 4
     winograd_min_channels: int = 16
     use_cudnn: bool = True
+    allow_tf32: bool = False
     # -- convolution: chunks of the batch and pipeline threads ----------------
     conv_chunk_bytes: int = 32 << 20
     winograd_chunk_bytes: int = 16 << 20
@@ -69,6 +76,8 @@ class Settings:
     # -- numba kernels at all, and batch norm's -------------------------------
     use_numba: bool = True
     bn_fused_min_size: int = 1 << 16
+    # -- the array-generic code on every backend ------------------------------
+    force_generic: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -98,6 +107,10 @@ SETTINGS = {
                               "least this (below it its GEMMs are too thin)"),
     "use_cudnn": (_is_bool, "a bool",
                   "GPU convolutions through cuDNN when it imports (else im2col + matmul)"),
+    "allow_tf32": (_is_bool, "a bool",
+                   "float32 cuDNN convolutions may use TF32 tensor cores (10-bit mantissa "
+                   "inputs; off: cuDNN engines with the TENSOR_CORE or DOWN_CONVERT_INPUTS "
+                   "numerical note are deselected)"),
     "conv_chunk_bytes": (_is_int(1), "an int >= 1",
                          "bytes per batch chunk of the im2col / GEMM workspaces of a CPU "
                          "convolution"),
@@ -126,6 +139,10 @@ SETTINGS = {
     "bn_fused_min_size": (_is_int(0), "an int >= 0",
                           "elements below which batch norm runs its NumPy code instead of "
                           "the fused numba kernels"),
+    "force_generic": (_is_bool, "a bool",
+                      "every op runs the array-generic code CuPy arrays run without cuDNN, "
+                      "on NumPy arrays too: the generic im2col + matmul convolution plan "
+                      "(also on CuPy: no cuDNN), no numba kernel"),
 }
 
 # every field of Settings has exactly one entry above
@@ -186,6 +203,14 @@ def get(name: str):
 def defaults() -> Settings:
     """The values outside every ``using`` block (after TINYNORM_NO_NUMBA)."""
     return _DEFAULTS
+
+
+def numba_enabled(settings: Optional[Settings] = None) -> bool:
+    """Whether numba kernels may run under ``settings`` (default: the current
+    ones): ``use_numba`` on and ``force_generic`` off.  The one predicate every
+    op's numba branch asks."""
+    settings = settings if settings is not None else _current.get()
+    return settings.use_numba and not settings.force_generic
 
 
 def describe() -> str:

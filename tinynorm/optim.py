@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_array_module
+from .backend import get_array_module, to_device
 
 __all__ = ["SGD", "LRSchedule"]
 
@@ -50,12 +50,29 @@ class SGD:
         self.iteration += 1
         return lr
 
+    def to(self, device: str):
+        """Move the velocities to ``device`` ("cpu" / "gpu"), as ``model.to`` moves
+        the parameters they update; returns self."""
+        for name, v in self.velocity.items():
+            self.velocity[name] = to_device(v, device)
+        return self
+
     def state_dict(self) -> dict:
         return {"velocity": self.velocity, "iteration": self.iteration}
 
     def load_state_dict(self, state):
+        """Copy velocities (NumPy or CuPy arrays) into the existing ones, onto
+        their device; a missing name or a shape mismatch is a one-line error."""
         for name, v in self.velocity.items():
-            v[...] = state["velocity"][name]
+            if name not in state["velocity"]:
+                raise KeyError(f"optimizer state has no velocity for {name!r}")
+            src = state["velocity"][name]
+            if tuple(src.shape) != tuple(v.shape):
+                raise ValueError(f"velocity '{name}': state shape {tuple(src.shape)} != "
+                                 f"parameter shape {tuple(v.shape)}")
+            xp = get_array_module(v)
+            # CuPy refuses to assign a NumPy array into a device array: copy it over
+            v[...] = xp.asarray(src, dtype=v.dtype)
         self.iteration = int(state["iteration"])
 
 

@@ -137,8 +137,12 @@ class _NCCL:
     Written against ``cupy.cuda.nccl``'s documented API; never run on a GPU."""
 
     def __init__(self, comm):
-        from cupy.cuda import nccl
-        self.nccl = nccl
+        from . import backend
+        nccl = backend.nccl()
+        if nccl is None:
+            raise ParallelError("CuPy arrays across ranks need NCCL (cupy.cuda.nccl), which "
+                                "does not import here")
+        self.cupy, self.nccl = backend.cupy, nccl
         uid = nccl.get_unique_id() if comm.rank == 0 else None
         uid = comm.bcast(uid)
         self.comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
@@ -146,8 +150,7 @@ class _NCCL:
                       np.dtype(np.float64): nccl.NCCL_FLOAT64}
 
     def allreduce_sum(self, buf):
-        import cupy
-        stream = cupy.cuda.get_current_stream()
+        stream = self.cupy.cuda.get_current_stream()
         self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.types[buf.dtype],
                             self.nccl.NCCL_SUM, stream.ptr)
         stream.synchronize()

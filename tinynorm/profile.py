@@ -63,6 +63,7 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3, tune_allocator=True):
     """
     if tune_allocator:
         backend.tune_allocator()
+    device = model.device
     opt = SGD(model, LRSchedule("constant", lr, 10**9), momentum=0.9)
     timings = defaultdict(float)
     pass_timings = defaultdict(float)
@@ -73,8 +74,10 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3, tune_allocator=True):
             fn = getattr(layer, method)
 
             def timed(arg, _fn=fn, _name=name, _method=method):
+                backend.synchronize(device)
                 t0 = time.perf_counter()
                 out = _fn(arg)
+                backend.synchronize(device)
                 dt = time.perf_counter() - t0
                 timings[_name] += dt
                 pass_timings[(_name, _method)] += dt
@@ -94,9 +97,11 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3, tune_allocator=True):
             step()
         timings.clear()
         pass_timings.clear()
+        backend.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        backend.synchronize(device)
         total = (time.perf_counter() - t0) / steps
     finally:
         for layer, method in originals:

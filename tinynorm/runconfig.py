@@ -183,6 +183,9 @@ SPECS = {
     "eval_batch_size": (integer(1), ALLOWED),
     "out": (text(), ALLOWED),                     # a moved run directory
     "progress": (boolean, ALLOWED),
+    # the same computation elsewhere (float rounding may differ): a GPU run can be
+    # resumed or evaluated on the CPU and back
+    "device": (choice(("cpu", "gpu")), ALLOWED),
 }
 
 RESUME_ALLOWED = tuple(k for k, (_, on_resume) in SPECS.items() if on_resume == ALLOWED)

@@ -24,6 +24,13 @@ configuration value is checked (``tinynorm.runconfig``) before any data loads.
 A checkpoint or log that cannot be written (full disk, read-only file system)
 ends the run as ``interrupted`` with the reason; the previous checkpoint stays.
 
+``device`` ("cpu", the default, or "gpu") is where the model, the optimizer
+state and the batches live: the model is built on the host (the same seeded
+init on every device) and moved as a whole; on the GPU each training batch is
+prepared by a worker thread and copied ahead of its step
+(:class:`tinynorm.backend.HostToDevice`); checkpoints are written from the
+device and restored onto the device of the run that loads them.
+
 Divergence is a result, not a crash: a non-finite loss, a loss above
 ``diverge_loss`` or non-finite weights end the run with status ``diverged``
 and the iteration at which it happened.
@@ -40,7 +47,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__, ops
+from . import __version__, backend, ops
 from . import checkpoint as run_files
 from . import parallel
 from . import runconfig as config_checks
@@ -93,6 +100,7 @@ DEFAULTS = dict(
     eval_batch_size=500,
     out="runs/default",
     progress=True,
+    device="cpu",            # cpu | gpu: where the model, optimizer state and batches live
 )
 
 
@@ -145,9 +153,11 @@ class _Data:
     rank*B/ranks ... of the batch one process would use) and its contiguous
     shard of the test set."""
 
-    def __init__(self, cfg, part=(0, 1)):
+    def __init__(self, cfg, part=(0, 1), dataset=None):
         from . import datasets
-        ds = datasets.load_dataset(cfg["dataset"], cfg["data_root"])
+        # dataset: an in-memory tinynorm.datasets.Dataset (tests); else loaded by name
+        ds = dataset if dataset is not None else datasets.load_dataset(cfg["dataset"],
+                                                                       cfg["data_root"])
         self.num_classes = ds.num_classes
         self.train, self.test = ds.train, ds.test
         if cfg["train_limit"]:
@@ -192,6 +202,36 @@ class _Data:
             x, y = x[self.rank * n:(self.rank + 1) * n], y[self.rank * n:(self.rank + 1) * n]
         return x.astype(self.dtype, copy=False), y
 
+    def train_batches(self, epoch, start, device):
+        """The batches ``start, start+1, ...`` of ``epoch``, on ``device``.
+
+        CPU: made on demand, one by one (exactly :meth:`train_batch`).  GPU: a
+        worker thread makes the host batches one ahead and each is staged onto
+        the device one step ahead (pinned buffers, a copy stream), so the data
+        preparation and the copy overlap the step; the batches are the same
+        (a pure function of seed, epoch and index)."""
+        if device == "cpu":
+            for b in range(start, self.batches_per_epoch):
+                yield self.train_batch(epoch, b)
+            return
+        from .datasets.loader import prefetched
+        # train_batch in the worker: the one definition of a batch (the worker is
+        # its only caller while the epoch runs)
+        host = prefetched(lambda b: self.train_batch(epoch, b),
+                          range(start, self.batches_per_epoch), name=f"train-epoch{epoch}")
+        stager = backend.HostToDevice(device)
+        pending = None
+        try:
+            for x, y in host:
+                staged = stager.stage((x, y))      # its copy runs while `pending` is used
+                if pending is not None:
+                    yield pending.get()
+                pending = staged
+            if pending is not None:
+                yield pending.get()
+        finally:
+            host.close()                           # stops the worker on an early break
+
     def test_batches(self, batch_size):
         """This rank's shard of the test set, in batches."""
         from .datasets import BatchIterator
@@ -212,16 +252,19 @@ def _topk_correct(logits, labels, k):
 
 
 def evaluate(model, batches, comm=None):
-    """Mean loss, top-1 and top-5 accuracy (in %) of ``model`` in eval mode.
+    """Mean loss, top-1 and top-5 accuracy (in %) of ``model`` in eval mode;
+    host batches go to the model's device.
 
     With a communicator of several ranks, ``batches`` is this rank's shard and
     the sums are reduced over the ranks (every rank returns the totals)."""
     was_training = model.training
     model.eval()
+    device = model.device
     n = loss_sum = top1 = top5 = 0
     try:
         for x, y in batches:
-            logits = model.forward(x)
+            y = to_numpy(y)
+            logits = model.forward(backend.to_device(x, device))
             loss, _ = ops.softmax_cross_entropy(logits, y)
             logits = to_numpy(logits)
             loss_sum += float(loss) * len(y)
@@ -304,8 +347,11 @@ class Trainer:
         self.comm = comm if comm is not None else parallel.world()
         self.is_writer = self.comm.rank == 0    # rank 0 alone writes the run directory
         given = dict(config or {})
-        self.cfg = parallel.together(self.comm, "checking its configuration",
-                                     lambda: config_checks.validate(make_config(given)))
+        def checked():
+            cfg = config_checks.validate(make_config(given))
+            backend.check_device(cfg["device"])     # a missing GPU: one line, before any work
+            return cfg
+        self.cfg = parallel.together(self.comm, "checking its configuration", checked)
         self.out = Path(self.cfg["out"])
         self._resume, self._overwrite, self._prepared = resume, overwrite, None
         self._ckpt, self._pending_changes = None, []
@@ -326,11 +372,14 @@ class Trainer:
             self._pending_changes = config_checks.resume_changes(
                 saved, explicit, where=str(self.out / "checkpoint.h5"))
             self.cfg = dict(saved, **explicit)
+            backend.check_device(self.cfg["device"])  # the checkpoint's, unless given
         if resume is not None:
             self._prepare_dir(resume)
         self.data = data if data is not None else parallel.together(
             self.comm, "loading the data", _Data, self.cfg, (self.comm.rank, self.comm.size))
         cfg = self.cfg
+        if self.comm.size > 1 and cfg["device"] == "gpu":     # one rank per GPU of the node
+            parallel.together(self.comm, "choosing its GPU", parallel.use_local_gpu, self.comm)
         extra = {}
         if cfg["model"] == "deep_linear":
             x0, _ = self.data.train_batch(0, 0)
@@ -340,6 +389,7 @@ class Trainer:
                                  seed=cfg["seed"], stem=cfg["stem"], opts=unit_options(cfg),
                                  depth=cfg["depth"], linear_width=cfg["linear_width"],
                                  dtype=np.dtype(cfg["dtype"]), **extra)
+        self.model.to(cfg["device"])          # before the optimizer: velocities start there
         total = cfg["epochs"] * self.data.batches_per_epoch
         self.schedule = LRSchedule(cfg["schedule"], cfg["lr"], total, cfg["lr_final"],
                                    cfg["power"], cfg["warmup"])
@@ -572,7 +622,8 @@ class Trainer:
         self.status, self.diverged_at, self.diverged_reason = "diverged", self.opt.iteration, reason
 
     def _weights_finite(self):
-        return all(bool(np.isfinite(p).all()) for p in self.model.parameters().values())
+        return all(bool(backend.get_array_module(p).isfinite(p).all())
+                   for p in self.model.parameters().values())
 
     def _epoch_end(self, epoch, seconds, n_images, force_eval=False):
         it = self.log["iter"]
@@ -645,7 +696,7 @@ class Trainer:
                 from .nn import data_dependent_init
                 # the whole first batch on every rank: the same initialization everywhere
                 x0, _ = self.data.train_batch(0, 0, whole=True)
-                data_dependent_init(self.model, x0)
+                data_dependent_init(self.model, backend.to_device(x0, cfg["device"]))
         self.model.train()
         previous = {}
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
@@ -673,6 +724,7 @@ class Trainer:
         while self.epoch < cfg["epochs"]:
             epoch = self.epoch
             t0, n_images = time.perf_counter(), 0
+            batches = self.data.train_batches(epoch, self.batch, cfg["device"])
             if cfg["progress"] and self.is_writer:
                 from tqdm import tqdm
                 bar = tqdm(total=n_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
@@ -683,7 +735,7 @@ class Trainer:
                     break
                 if max_iters is not None and self.opt.iteration >= max_iters:
                     break
-                x, y = self.data.train_batch(epoch, self.batch)
+                x, y = next(batches)
                 track = cfg["track_norms_every"] and self.opt.iteration % cfg["track_norms_every"] == 0
                 for layer in self._probe.values():
                     layer.track_output_norm = bool(track)
@@ -697,7 +749,7 @@ class Trainer:
                     logits = self.model(x)
                 loss, dlogits = ops.softmax_cross_entropy(logits, y)
                 loss = float(loss)
-                correct = _topk_correct(to_numpy(logits), y, 1)
+                correct = _topk_correct(to_numpy(logits), to_numpy(y), 1)
                 norms = [self._probe[r].output_norm if r in self._probe else math.nan
                          for r in ("first", "last")]
                 if ranks > 1:
@@ -727,6 +779,7 @@ class Trainer:
                     bar.set_postfix_str(f"loss {loss:.4f} acc {acc:5.1f}% lr {lr:.2e} "
                                         f"{n_images / max(dt, 1e-9):.0f} img/s")
                     bar.update(1)
+            batches.close()                   # on the GPU: stops the prefetching worker
             if bar is not None:
                 bar.close()
             if self.status == "running" and not self._weights_finite():

@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["BatchIterator", "epoch_order", "batch_rng"]
+__all__ = ["BatchIterator", "epoch_order", "batch_rng", "prefetched"]
 
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 
@@ -41,6 +41,50 @@ def batch_rng(rng_seed, epoch, batch):
 def _default_transform(images, rng):
     """uint8 (N, C, H, W) -> float32 (N, C, H, W) in [0, 1]."""
     return images.astype(np.float32) * np.float32(1 / 255)
+
+
+def prefetched(make, items, name="prefetch"):
+    """A generator of ``make(i)`` for every ``i`` of ``items``, in order, made one
+    ahead by a worker thread.
+
+    The worker hands each result over through a queue of size 1: it works on
+    item i+1 while the caller uses item i.  NumPy releases the GIL in its copy
+    and arithmetic kernels, so the two overlap.  An exception in ``make`` is
+    re-raised in the caller; the generator's ``finally`` stops the worker when
+    the caller breaks out early or the generator is closed or collected.
+    """
+    items = list(items)
+    handoff = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for i in items:
+                if stop.is_set() or not put(("item", make(i))):
+                    return
+        except BaseException as e:  # handed to the caller, re-raised there
+            put(("error", e))
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    try:
+        for _ in items:
+            kind, item = handoff.get()
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 class BatchIterator:
@@ -112,52 +156,20 @@ class BatchIterator:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return x, np.asarray(labels, dtype=np.int64)
 
-    def epoch(self, epoch):
-        """A generator over the batches of ``epoch``."""
-        epoch = int(epoch)
+    def epoch(self, epoch, start=0, prefetch=None):
+        """A generator over the batches ``start, start+1, ...`` of ``epoch``;
+        ``prefetch`` None: the iterator's setting."""
+        epoch, start = int(epoch), int(start)
         order = self.order(epoch)
         num_batches = len(self)
-        if self.prefetch and num_batches > 1:
-            return self._prefetched(epoch, order, num_batches)
-        return (self.make_batch(epoch, b, order) for b in range(num_batches))
+        prefetch = self.prefetch if prefetch is None else bool(prefetch)
+        if prefetch and num_batches - start > 1:
+            return self._prefetched(epoch, order, num_batches, start)
+        return (self.make_batch(epoch, b, order) for b in range(start, num_batches))
 
-    def _prefetched(self, epoch, order, num_batches):
-        # One worker thread makes batches in order and hands them over through a
-        # queue of size 1: it works on batch b+1 while the caller uses batch b.
-        # NumPy releases the GIL in its copy and arithmetic kernels, so the two
-        # overlap.  The generator's `finally` stops the worker when the caller
-        # breaks out early or the generator is garbage-collected.
-        handoff = queue.Queue(maxsize=1)
-        stop = threading.Event()
-
-        def put(item):
-            while not stop.is_set():
-                try:
-                    handoff.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work():
-            try:
-                for b in range(num_batches):
-                    if stop.is_set() or not put(("batch", self.make_batch(epoch, b, order))):
-                        return
-            except BaseException as e:  # handed to the caller, re-raised there
-                put(("error", e))
-
-        worker = threading.Thread(target=work, name=f"BatchIterator-epoch{epoch}", daemon=True)
-        worker.start()
-        try:
-            for _ in range(num_batches):
-                kind, item = handoff.get()
-                if kind == "error":
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            worker.join()
+    def _prefetched(self, epoch, order, num_batches, start=0):
+        return prefetched(lambda b: self.make_batch(epoch, b, order), range(start, num_batches),
+                          name=f"BatchIterator-epoch{epoch}")
 
     def __repr__(self):
         return (f"BatchIterator({self.split!r}, batch_size={self.batch_size}, "

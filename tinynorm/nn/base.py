@@ -11,6 +11,11 @@ A layer owns
   (BN running statistics).
 * ``children`` -- name -> Layer, for composite layers.
 
+``to(device)`` moves every parameter, gradient and buffer of the layer and
+its descendants to "cpu" or "gpu" (layers with other device state, such as
+Dropout's generator, extend ``_to_device``); a model is built on the host
+(seeded NumPy init, the same numbers on every device) and moved as a whole.
+
 ``forward(x) -> y`` caches what ``backward(dy) -> dx`` needs.  ``train()`` and
 ``eval()`` switch the mode recursively.  Full names are dotted paths, e.g.
 ``"3.conv.v"``; ``named_parameters()`` walks them in a fixed order.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module
 
 __all__ = ["Layer", "Sequential"]
@@ -66,6 +72,35 @@ class Layer:
 
     def eval(self):
         return self.train(False)
+
+    # -- device ----------------------------------------------------------------
+    def to(self, device: str):
+        """Move this layer and every descendant to ``device`` ("cpu" / "gpu");
+        returns self.  A DeviceError (one line) when the device is not usable.
+        Arrays already there are kept (no copy); cached forward state is dropped."""
+        device = backend.check_device(device)
+        for _, layer in self.named_layers():
+            layer._to_device(device)
+        return self
+
+    def _to_device(self, device):
+        # this layer only (``to`` walks the tree)
+        for store in (self.params, self.grads, self.buffers):
+            for key, arr in store.items():
+                if arr is not None:
+                    store[key] = backend.to_device(arr, device)
+        if hasattr(self, "_cache"):
+            self._cache = None
+
+    @property
+    def device(self) -> str:
+        """"gpu" when this layer's (or its first descendant's) arrays are CuPy
+        arrays, "cpu" otherwise (also for a layer without arrays)."""
+        for _, layer in self.named_layers():
+            for store in (layer.params, layer.buffers):
+                for arr in store.values():
+                    return backend.device_of(arr)
+        return "cpu"
 
     # -- naming ----------------------------------------------------------------
     def named_layers(self, prefix: str = ""):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import ops
+from .. import backend, ops
 from .base import Layer, _as_pair
 from .init import DEFAULT_INIT, initialize
 
@@ -159,14 +159,31 @@ class Identity(_Stateless):
 
 
 class Dropout(Layer):
-    """Inverted dropout with its own seeded generator; identity in eval mode."""
+    """Inverted dropout with its own seeded generator; identity in eval mode.
+
+    The generator lives on the layer's device: ``to("gpu")`` replaces it with
+    ``cupy.random.default_rng(seed)`` (a different bit generator: the masks on
+    the GPU are not the CPU's), ``to("cpu")`` with NumPy's, both from
+    ``seed``.  A forward on arrays of the other device is refused (one line)."""
 
     def __init__(self, p, seed=0):
         super().__init__()
         self.p = p
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._rng_device = "cpu"
+
+    def _to_device(self, device):
+        super()._to_device(device)
+        if device != self._rng_device:
+            self.rng = backend.default_rng(self.seed, device)
+            self._rng_device = device
 
     def forward(self, x):
+        if self.training and self.p > 0 and backend.device_of(x) != self._rng_device:
+            raise ValueError(f"Dropout: the input is on the {backend.device_of(x)} but the "
+                             f"generator on the {self._rng_device}; move the model with "
+                             f".to({backend.device_of(x)!r})")
         y, self._cache = ops.dropout_forward(x, self.p, self.rng, self.training)
         return y
 

@@ -326,8 +326,8 @@ def _fast_ok(*arrays):
 
 def numba_ok(*arrays):
     """True when the numba kernels may run on ``arrays``: NumPy float32 /
-    float64 arrays, with the ``use_numba`` setting on."""
-    return config.current().use_numba and _fast_ok(*arrays)
+    float64 arrays, with the ``use_numba`` setting on and ``force_generic`` off."""
+    return config.numba_enabled() and _fast_ok(*arrays)
 
 
 def im2col(x, kernel, stride, pad, out=None, serial=False):

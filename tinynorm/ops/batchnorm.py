@@ -188,9 +188,9 @@ def fused_kernel_available(x) -> bool:
 def uses_fused_kernel(x) -> bool:
     """The one selector: True when ``batch_norm_forward`` on ``x`` runs the numba
     kernels -- :func:`fused_kernel_available`, and in :mod:`tinynorm.config`
-    ``use_numba`` on and at least ``bn_fused_min_size`` elements."""
+    ``use_numba`` on, ``force_generic`` off and at least ``bn_fused_min_size`` elements."""
     settings = config.current()
-    return (settings.use_numba and getattr(x, "size", 0) >= settings.bn_fused_min_size
+    return (config.numba_enabled(settings) and getattr(x, "size", 0) >= settings.bn_fused_min_size
             and fused_kernel_available(x))
 
 

@@ -33,8 +33,10 @@ The package, one module per algorithm:
 * :mod:`.winograd`  -- ``winograd4`` / ``winograd2``: 3x3 / stride 1, one driver
   over the kernel modules :mod:`._winograd4` (F(4x4, 3x3)) and
   :mod:`._winograd2` (F(2x2, 3x3));
-* :mod:`.cudnn`     -- ``cudnn``: CuPy arrays through ``cupyx.cudnn`` (never run
-  on a GPU: written against CuPy 13's documented API);
+* :mod:`.cudnn`     -- ``cudnn``: CuPy arrays through cuDNN 9 by NVIDIA's cuDNN
+  frontend Python package (never run on a GPU: written against its
+  documented graph API); without it CuPy arrays take ``generic`` and the
+  first such convolution warns once, naming the reason;
 * :mod:`.generic`   -- ``generic``: array-generic im2col + matmul (the GPU
   fallback, float16, ``use_numba`` off);
 * :mod:`.reference` -- the slow direct convolution the tests hold every plan to.
@@ -46,6 +48,7 @@ spinning idle threads make a second numba thread a loss unless
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -70,6 +73,19 @@ _IMPLEMENTATIONS = {
     "cudnn": cudnn, "generic": generic,
 }
 assert set(_IMPLEMENTATIONS) == set(ALGORITHMS)
+
+
+_warned = set()      # the reasons a GPU convolution fell back to generic, warned once each
+
+
+def _warn_fallback(plan):
+    # one warning per reason (not per shape): "no cuDNN frontend" is said once
+    reason = plan.reason.split(" of x ")[0] if plan.reason.startswith("cuDNN does not") \
+        else plan.reason
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"tinynorm: GPU convolutions run im2col + matmul instead of cuDNN: "
+                      f"{plan.reason}", RuntimeWarning, stacklevel=3)
 
 
 class ConvCache(NamedTuple):
@@ -100,6 +116,8 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
     xp, _, stride, pad, out_hw = check_args(x, w, b, stride, pad)
     plan = make_plan(tuple(x.shape), tuple(w.shape), stride, pad, out_hw, x.dtype,
                      gpu=xp is not np)
+    if plan.fallback:
+        _warn_fallback(plan)
     x = xp.ascontiguousarray(x)     # cached for the backward, which wants it contiguous
     y = _IMPLEMENTATIONS[plan.algorithm].forward(x, w, b, plan)
     return y, ConvCache(x, w, b is not None, plan)

@@ -6,10 +6,13 @@ that the backward does what the forward did.
 The algorithms (first match wins):
 
 =============  =============================================================
-``cudnn``      CuPy arrays, cuDNN importable, ``use_cudnn`` on
-``generic``    CuPy arrays otherwise; NumPy arrays of a dtype the numba
-               kernels are not compiled for (float16), or ``use_numba`` off:
-               array-generic im2col + matmul (:mod:`.generic`)
+``cudnn``      CuPy arrays, ``use_cudnn`` on, ``force_generic`` off, the cuDNN
+               frontend usable with cuDNN 9 and this geometry supported by it
+               (:mod:`.cudnn`)
+``generic``    CuPy arrays otherwise (``reason`` says why); NumPy arrays of a
+               dtype the numba kernels are not compiled for (float16),
+               ``use_numba`` off or ``force_generic`` on: array-generic
+               im2col + matmul (:mod:`.generic`)
 ``winograd4``  3x3 kernel, stride 1, at least ``winograd_min_channels`` input
 ``winograd2``  and output channels, ``winograd`` on: Winograd F(4x4, 3x3)
                (``winograd_tile`` 4, the default) or F(2x2, 3x3) (2)
@@ -65,6 +68,9 @@ class ConvPlan:
     settings    the :class:`tinynorm.config.Settings` the plan was made under;
                 the backward runs under them too (kernel launch and GEMM
                 split thresholds)
+    tf32        ``cudnn`` only: float32 engines may use TF32 (``allow_tf32``)
+    reason      why a GPU plan is ``generic`` ("" otherwise); ``fallback``
+                tells a cuDNN that could not be used from a choice (settings)
     """
 
     algorithm: str
@@ -79,6 +85,9 @@ class ConvPlan:
     threads: int = 1
     settings: config.Settings = dataclasses.field(default_factory=config.current,
                                                   compare=False)
+    tf32: bool = False
+    reason: str = dataclasses.field(default="", compare=False)
+    fallback: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def kernel(self):
@@ -110,6 +119,10 @@ class ConvPlan:
             largest = -(-self.x_shape[0] // self.n_chunks)
             text += (f"; {self.n_chunks} chunk{'s' if self.n_chunks > 1 else ''} of <= "
                      f"{largest} on {self.threads} thread{'s' if self.threads > 1 else ''}")
+        elif self.tf32:
+            text += "; TF32 allowed"
+        if self.reason:
+            text += f"; {self.reason}"
         return text + ")"
 
 
@@ -178,10 +191,20 @@ def _use_stacked(c_in, c_out, plane):
     return plane >= 64 or min(c_in, c_out) <= 32
 
 
-def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype, gpu):
-    if gpu:
-        return "cudnn" if settings.use_cudnn and cudnn.available() else "generic"
-    if not settings.use_numba or dtype not in geo.FAST_DTYPES:
+def _gpu_algorithm(settings, x_shape, w_shape, stride, pad, dtype):
+    """("cudnn" or "generic", reason, fallback) for CuPy arrays."""
+    if settings.force_generic:
+        return "generic", "force_generic is on", False
+    if not settings.use_cudnn:
+        return "generic", "use_cudnn is off", False
+    ok, reason = cudnn.status()
+    if ok:
+        ok, reason = cudnn.supports(x_shape, w_shape, stride, pad, dtype, settings.allow_tf32)
+    return ("cudnn", "", False) if ok else ("generic", reason, True)
+
+
+def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype):
+    if not config.numba_enabled(settings) or dtype not in geo.FAST_DTYPES:
         return "generic"
     if (settings.winograd and kernel == (3, 3) and stride == (1, 1)
             and min(x_shape[1], w_shape[0]) >= settings.winograd_min_channels):
@@ -220,8 +243,14 @@ def make_plan(x_shape, w_shape, stride, pad, out_hw, dtype, gpu):
     """The plan for checked geometry (see :func:`conv_plan`)."""
     settings = config.current()
     kernel = w_shape[2:]
-    algorithm = _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype, gpu)
-    if algorithm in ("cudnn", "generic"):
+    if gpu:
+        algorithm, reason, fallback = _gpu_algorithm(settings, x_shape, w_shape, stride, pad,
+                                                     dtype)
+        tf32 = algorithm == "cudnn" and settings.allow_tf32 and dtype == np.float32
+        return ConvPlan(algorithm, x_shape, w_shape, stride, pad, out_hw, dtype,
+                        settings=settings, tf32=tf32, reason=reason, fallback=fallback)
+    algorithm = _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype)
+    if algorithm == "generic":
         return ConvPlan(algorithm, x_shape, w_shape, stride, pad, out_hw, dtype,
                         settings=settings)
     n = x_shape[0]

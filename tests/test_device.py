@@ -1,0 +1,278 @@
+"""The device option on the CPU: names, errors, moving models and optimizer
+state, staging batches, the trainer's device path, the CLI, the require-GPU
+test mechanism.  (What needs a GPU is in test_gpu.py.)"""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinynorm import backend, config, nn, ops
+from tinynorm.cli import main as cli_main
+from tinynorm.models import build_model
+from tinynorm.optim import SGD, LRSchedule
+from tinynorm.runconfig import ConfigError
+from tinynorm.train import Trainer, _Data, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+no_gpu = pytest.mark.skipif(backend.gpu_available(), reason="checks the no-GPU behaviour")
+
+
+def test_device_names_and_errors():
+    assert backend.check_device("cpu") == "cpu"
+    assert backend.xp_for("cpu") is np
+    with pytest.raises(backend.DeviceError, match="unknown device 'tpu'; expected 'cpu' or 'gpu'"):
+        backend.xp_for("tpu")
+    assert issubclass(backend.DeviceError, ValueError)     # the CLI's one-line errors
+    assert backend.device_of(np.ones(2)) == "cpu" and backend.device_of(3.0) == "cpu"
+    backend.synchronize("cpu")
+    backend.synchronize(np.ones(2))
+
+
+@no_gpu
+def test_gpu_requested_without_one_is_one_clear_line():
+    with pytest.raises(backend.DeviceError) as e:
+        backend.check_device("gpu")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("device 'gpu' was requested but no GPU")
+    assert backend.default_device() == "cpu"
+    backend.synchronize()          # no GPU: nothing to wait for
+
+
+def _tiny_model(norm="bn"):
+    return build_model("cifar10_nv", norm, in_channels=1, num_classes=10, width=1 / 16, seed=0)
+
+
+def test_model_to_cpu_keeps_arrays_and_reports_its_device():
+    model = _tiny_model()
+    before = {k: v for k, v in model.state_dict().items()}
+    assert model.to("cpu") is model and model.device == "cpu"
+    after = model.state_dict()
+    assert all(after[k] is before[k] for k in before)      # already there: no copy
+    assert nn.ReLU().device == "cpu"                         # a layer without arrays
+    with pytest.raises(backend.DeviceError, match="unknown device"):
+        model.to("tpu")
+
+
+@no_gpu
+def test_model_to_gpu_without_one_fails_before_touching_the_model():
+    model = _tiny_model()
+    state = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(backend.DeviceError, match="no GPU is usable"):
+        model.to("gpu")
+    assert model.device == "cpu"
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+def test_layer_to_moves_params_grads_and_buffers_through_to_device(monkeypatch):
+    # every array of every layer goes through backend.to_device (the one copy routine)
+    model = _tiny_model()
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    _, dlogits = ops.softmax_cross_entropy(model(x), np.array([1, 2]))
+    model.backward(dlogits)
+    seen = []
+    monkeypatch.setattr(backend, "to_device", lambda a, device: seen.append(id(a)) or a)
+    model.to("cpu")
+    expected = {id(a) for _, layer in model.named_layers()
+                for store in (layer.params, layer.grads, layer.buffers) for a in store.values()}
+    assert set(seen) == expected and len(expected) > 0
+    assert any(layer.buffers for _, layer in model.named_layers())   # BN running statistics
+
+
+def test_sgd_to_and_load_state_dict_copy_onto_the_velocities():
+    model = _tiny_model("wn")
+    opt = SGD(model, LRSchedule("constant", 0.1, 10), momentum=0.9)
+    velocity = {k: v for k, v in opt.velocity.items()}
+    assert opt.to("cpu") is opt and all(opt.velocity[k] is velocity[k] for k in velocity)
+    state = {k: np.full(v.shape, 0.5, np.float64) for k, v in velocity.items()}  # host, float64
+    opt.load_state_dict({"velocity": state, "iteration": 7})
+    assert opt.iteration == 7
+    for k, v in opt.velocity.items():
+        assert v is velocity[k] and v.dtype == np.float32 and np.all(v == 0.5)
+    name = next(iter(state))
+    with pytest.raises(ValueError, match=f"velocity '{name}': state shape"):
+        opt.load_state_dict({"velocity": dict(state, **{name: np.zeros(3)}), "iteration": 0})
+    with pytest.raises(KeyError, match="no velocity for"):
+        opt.load_state_dict({"velocity": {}, "iteration": 0})
+
+
+def test_dropout_generator_follows_the_device():
+    layer = nn.Dropout(0.5, seed=3)
+    layer.to("cpu")
+    x = np.ones((4, 8))
+    y = layer(x)
+    expected = (np.random.default_rng(3).random((4, 8)) >= 0.5) * 2.0
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_host_to_device_on_the_cpu_returns_the_arrays():
+    stager = backend.HostToDevice("cpu")
+    x, y = np.arange(6.0).reshape(2, 3), np.array([1, 2])
+    got = stager.stage((x, y)).get()
+    assert got[0] is x and got[1] is y
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        backend.HostToDevice("cpu", slots=0)
+
+
+def test_device_key_is_checked_and_may_change_on_resume():
+    from tinynorm.runconfig import RESUME_ALLOWED, validate
+    assert make_config()["device"] == "cpu"
+    with pytest.raises(ConfigError, match="configuration key 'device': unknown value 'cuda0'"):
+        validate(make_config({"device": "cuda0"}))
+    assert "device" in RESUME_ALLOWED
+
+
+def test_prefetched_batches_from_any_start_are_the_batches(synthetic_dataset):
+    # the GPU trainer's host side: a worker thread from batch `start` on
+    cfg = make_config(dict(batch_size=32, seed=5))
+    data = _Data(cfg, dataset=synthetic_dataset())
+    for start in (0, 3, data.batches_per_epoch - 1):
+        got = list(data.batches.epoch(1, start=start, prefetch=True))
+        assert len(got) == data.batches_per_epoch - start
+        for b, (x, y) in enumerate(got, start=start):
+            x_ref, y_ref = data.train_batch(1, b)
+            np.testing.assert_array_equal(x, x_ref)
+            np.testing.assert_array_equal(y, y_ref)
+    via_trainer = list(data.train_batches(1, 2, "cpu"))
+    np.testing.assert_array_equal(via_trainer[0][0], data.train_batch(1, 2)[0])
+    # the GPU trainer's worker: train_batch made one ahead in a thread
+    from tinynorm.datasets.loader import prefetched
+    ahead = list(prefetched(lambda b: data.train_batch(1, b), range(2, data.batches_per_epoch)))
+    assert len(ahead) == len(via_trainer) == data.batches_per_epoch - 2
+    for (x, y), (x_ref, y_ref) in zip(ahead, via_trainer):
+        np.testing.assert_array_equal(x, x_ref)
+        np.testing.assert_array_equal(y, y_ref)
+
+
+def test_trainer_runs_checkpoints_and_resumes_on_its_device(tmp_path, synthetic_dataset):
+    # the path the GPU test takes, on the CPU: model, optimizer, batches and the
+    # checkpoint all on cfg["device"]
+    cfg = dict(model="cifar10_nv", norm="bn", width=1 / 16, batch_size=32, epochs=2,
+               lr=0.05, progress=False, seed=1, device="cpu", eval_batch_size=64)
+    ds = synthetic_dataset(n_train=128, n_test=32)
+    full = Trainer(dict(cfg, out=str(tmp_path / "full")),
+                   data=_Data(make_config(cfg), dataset=ds))
+    assert full.run(resume=False) == "completed" and full.model.device == "cpu"
+    part = Trainer(dict(cfg, out=str(tmp_path / "part"), max_iters=3),
+                   data=_Data(make_config(cfg), dataset=ds))
+    assert part.run(resume=False) == "completed"
+    resumed = Trainer(dict(cfg, out=str(tmp_path / "part"), max_iters=None),
+                      data=_Data(make_config(cfg), dataset=ds), resume=True)
+    assert resumed.run() == "completed"
+    np.testing.assert_array_equal(full.log["iter"]["loss"], resumed.log["iter"]["loss"])
+    assert len(full.log["iter"]["loss"]) == 2 * full.data.batches_per_epoch
+
+
+@no_gpu
+def test_trainer_with_device_gpu_fails_before_any_data_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(_Data, "__init__", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(backend.DeviceError, match="no GPU is usable"):
+        Trainer(dict(device="gpu", out=str(tmp_path / "run")))
+
+
+@no_gpu
+@pytest.mark.parametrize("argv", [
+    ["train", "--device", "gpu", "--out", "{tmp}/run"],
+    ["profile", "--device", "gpu", "--model", "deep_linear"],
+    ["signal", "--device", "gpu"],
+])
+def test_cli_device_gpu_without_one_is_one_error_line(argv, tmp_path, capsys):
+    code = cli_main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err.startswith("tinynorm: error: device 'gpu' was requested but no GPU is usable")
+
+
+def test_cli_profile_on_the_cpu_names_the_device(capsys):
+    assert cli_main(["profile", "--model", "deep_linear", "--norm", "wn", "--input", "1x4x4",
+                     "--batch-size", "4", "--steps", "1", "--device", "cpu"]) == 0
+    assert "device=cpu" in capsys.readouterr().out
+
+
+def test_cli_info_reports_versions_and_the_conv_path(capsys):
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"numpy {np.__version__}" in out
+    assert "GPU convolution path:" in out and "cuDNN:" in out
+    if not backend.gpu_available():
+        assert "GPU: not usable:" in out
+
+
+@no_gpu
+def test_gpu_conv_plan_without_cudnn_records_why_and_warns_once():
+    from tinynorm.ops import conv
+    from tinynorm.ops.conv import cudnn
+    ok, reason = cudnn.status()
+    assert not ok and reason
+    plan = ops.conv_plan((2, 3, 8, 8), (4, 3, 3, 3), 1, 1, np.float32, backend="gpu")
+    assert plan.algorithm == "generic" and plan.fallback and plan.reason == reason
+    assert reason in repr(plan)
+    with config.using(use_cudnn=False):
+        chosen = ops.conv_plan((2, 3, 8, 8), (4, 3, 3, 3), 1, 1, np.float32, backend="gpu")
+    assert chosen.reason == "use_cudnn is off" and not chosen.fallback
+    conv._warned.discard(reason)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conv._warn_fallback(plan)
+        conv._warn_fallback(plan)
+    assert len(caught) == 1 and reason in str(caught[0].message)
+
+
+# a failure in setup is reported as "error": either way the run exits 1
+@pytest.mark.parametrize("require,code,word", [("1", 1, "error"), ("", 0, "skipped")])
+@no_gpu
+def test_require_gpu_turns_the_gpu_skips_into_failures(require, code, word):
+    env = dict(os.environ, TINYNORM_REQUIRE_GPU=require, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_gpu.py::test_cupy_is_usable"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert f"1 {word}" in proc.stdout
+    if require:
+        assert "TINYNORM_REQUIRE_GPU=1 but no GPU is usable" in proc.stdout
+
+
+def test_experiment_presets_choose_the_device():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    assert common.resolve_device("cpu") == "cpu" and common.resolve_device("smoke") == "cpu"
+    assert common.resolve_device("paper") == backend.default_device()
+    if not backend.gpu_available():
+        with pytest.raises(SystemExit, match="error: device 'gpu' was requested"):
+            common.resolve_device("cpu", "gpu")
+
+
+def test_gpu_check_script_parses_and_reports_a_missing_gpu(tmp_path):
+    script = ROOT / "experiments" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if backend.gpu_available():
+        return                      # the real run is the validation itself
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_INSTALL="0")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    summary = (tmp_path / "gpu_check_summary.txt").read_text()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "[detect] NO GPU:" in summary and "nothing was run on a GPU" in summary
+    assert "GPU convolution path:" in summary          # the versions section ran
+
+
+def test_gpu_check_compare_runs_on_the_cpu_at_tiny_sizes(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "compare",
+                           "--device", "cpu", "--small", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    rows = json.loads(out.read_text())
+    assert {(r["model"], r["norm"]) for r in rows} >= {("cifar10_nv", "bn"), ("resnet50", "wn"),
+                                                       ("deep_linear", "wn")}
+    # float32 on the CPU against float64: the loss agrees to float32 precision
+    assert all(abs(r["loss"] - r["loss_cpu64"]) < 1e-4 * abs(r["loss_cpu64"]) for r in rows)
