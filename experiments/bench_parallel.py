@@ -37,9 +37,8 @@ SHAPES = {"cifar10_nv": (3, 28, 28), "resnet50": (3, 32, 32)}
 
 
 def worker(args):
+    import tinynorm  # noqa: F401  first: sets OpenBLAS's thread timeout before NumPy loads
     import numpy as np
-
-    import tinynorm  # noqa: F401  sets the thread environment before NumPy's BLAS starts
     from tinynorm import ops, parallel
     from tinynorm.models import build_model
     from tinynorm.optim import SGD, LRSchedule
