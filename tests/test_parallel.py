@@ -157,6 +157,21 @@ def test_state_checksum_sees_one_changed_bit():
     assert parallel.state_checksum(model) != before
 
 
+def test_info_names_mpi_and_the_rank(monkeypatch, capsys):
+    from tinynorm.cli import main
+    for var in parallel._SIZE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert main(["info"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("MPI:")]
+    assert len(line) == 1
+    if _have_mpi():
+        import mpi4py
+        assert f"mpi4py {mpi4py.__version__}" in line[0] and "one process" in line[0]
+    monkeypatch.setenv("PMI_SIZE", "3")
+    monkeypatch.setenv("PMI_RANK", "2")
+    assert ("rank 2 of 3" in parallel.describe()) == _have_mpi()
+
+
 # --------------------------------------------------------------------------- mpirun
 
 @needs_mpi

@@ -309,6 +309,8 @@ def _cmd_info(args) -> int:
     else:
         path = f"generic (im2col + cupy.matmul): {reason}"
     print(f"GPU convolution path: {path}")
+    from .parallel import describe
+    print(describe())
     return 0
 
 

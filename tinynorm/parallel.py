@@ -40,7 +40,8 @@ import numpy as np
 from .backend import get_array_module, to_numpy
 
 __all__ = ["ParallelError", "world", "launched_size", "launched_rank", "SingleProcess", "MPIComm",
-           "StepReducer", "together", "state_checksum", "limit_threads", "use_local_gpu"]
+           "StepReducer", "together", "state_checksum", "limit_threads", "use_local_gpu",
+           "describe"]
 
 # where MPI launchers announce the number of ranks and this process's rank
 # (Open MPI, MPICH's hydra, MVAPICH)
@@ -177,6 +178,23 @@ def world():
         else:
             _WORLD = SingleProcess()
     return _WORLD
+
+
+def describe() -> str:
+    """One line for ``tinynorm info``: mpi4py, the MPI library, and this process's rank."""
+    try:
+        import mpi4py
+    except ImportError:
+        return "MPI: mpi4py not installed (pip install 'tinynorm[mpi]' for data parallelism)"
+    try:
+        from mpi4py import MPI
+        library = " ".join(MPI.Get_library_version().splitlines()[0].split())
+    except Exception as e:  # noqa: BLE001 -- an MPI library that fails to load
+        return f"MPI: mpi4py {mpi4py.__version__}, but its MPI library fails to load: {e}"
+    size = launched_size()
+    where = (f"rank {launched_rank()} of {size}" if size > 1
+             else "not under an MPI launcher (one process)")
+    return f"MPI: mpi4py {mpi4py.__version__}, {library}; {where}"
 
 
 def limit_threads(comm):
