@@ -288,3 +288,33 @@ def test_profile_on_the_gpu_times_every_category():
     result = profile_step(model, x, y, steps=2)
     assert result["total"] > 0 and result["by_category"]["convolution"] > 0
     assert sum(result["by_category"].values()) == pytest.approx(result["total"], rel=1e-6)
+
+
+def test_step_reducer_on_device_arrays_through_nccl():
+    # one rank: NCCL's all-reduce is the identity, but every call of the path runs
+    # (unique id, communicator, allReduce on device pointers, stream sync).  Two
+    # ranks need two GPUs (NCCL refuses two ranks on one device).
+    from tinynorm import parallel
+
+    class OneRankNCCL(parallel.SingleProcess):
+        size = 1
+
+        def allreduce_sum(self, buf):
+            if isinstance(buf, np.ndarray):
+                return buf
+            if not hasattr(self, "_nccl"):
+                self._nccl = parallel._NCCL(self)
+            self._nccl.allreduce_sum(buf)
+            return buf
+    model = build_model("cifar10_nv", "bn", in_channels=1, num_classes=10, width=0.25)
+    model.to("gpu")
+    rng = np.random.default_rng(0)
+    for _, layer, key in model.named_parameters():
+        layer.grads[key] = backend.to_device(
+            rng.standard_normal(layer.params[key].shape).astype(np.float32), "gpu")
+    before = {k: to_numpy(v).copy() for k, v in model.gradients().items()}
+    sums = parallel.StepReducer(OneRankNCCL(), model, bucket_bytes=4096).reduce([2.5, 3.0])
+    np.testing.assert_array_equal(sums, [2.5, 3.0])
+    for name, g in model.gradients().items():
+        assert backend.device_of(g) == "gpu"
+        np.testing.assert_array_equal(to_numpy(g), before[name])
