@@ -34,6 +34,10 @@ def main():
         plot_output_norms(logs, HERE / "fig4_output_norms.png",
                           "ResNet-50 output norms (cpu preset)")
         drawn += ["fig3_resnet50.png", "fig4_output_norms.png"]
+        if all(len(read_log(p)["signal"].get("iteration", [])) for p in logs.values()):
+            plot_signal_by_depth(logs, HERE / "fig3_signal_by_depth.png",
+                                 "ResNet-50: RMS by depth, initialization and end (cpu preset)")
+            drawn.append("fig3_signal_by_depth.png")
     if logs := logs_of("linear_divergence"):
         print(plot_divergence(logs, HERE / "linear_divergence.png",
                               "50-layer linear network (cpu preset)"))
