@@ -10,8 +10,9 @@ recorded every `track_norms_every` iterations (Figure 4), and every unit's
 output RMS and every layer's weight coherence (the paper's footnote 2) every
 `track_signal_every`.  Init: Caffe's xavier filler (the paper's), WN's g
 started at 1, NormProp's norm scale 1.21, the residual sum scaled by 1/sqrt(2)
-for NormProp only (the defaults; the committed logs of 2026-11 ran Glorot's
-init, g = ||v|| and the 1/sqrt(2) scale for TReLU WN too -- RESULTS.md).
+for NormProp only (the defaults, which the committed logs ran; the 2026-11
+logs, in git history, ran Glorot's init, g = ||v|| and the 1/sqrt(2) scale
+for TReLU WN too -- RESULTS.md).
 
 Presets:
   paper: as above.
