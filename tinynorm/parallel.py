@@ -53,22 +53,23 @@ class ParallelError(RuntimeError):
     """Ranks that disagree (configuration, parameters) or a rank that failed."""
 
 
-def launched_size() -> int:
-    """The number of ranks an MPI launcher announced in the environment (1 if none)."""
-    for var in _SIZE_VARS:
+def _announced(names, default):
+    """The first of the environment variables ``names`` that holds an integer."""
+    for var in names:
         value = os.environ.get(var)
         if value and value.isdigit():
             return int(value)
-    return 1
+    return default
+
+
+def launched_size() -> int:
+    """The number of ranks an MPI launcher announced in the environment (1 if none)."""
+    return _announced(_SIZE_VARS, 1)
 
 
 def launched_rank() -> int:
     """This process's rank as the MPI launcher announced it (0 if none)."""
-    for var in _RANK_VARS:
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 0
+    return _announced(_RANK_VARS, 0)
 
 
 class SingleProcess:
