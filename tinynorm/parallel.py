@@ -278,6 +278,7 @@ class StepReducer:
                         for key, buf in layer.buffers.items()
                         if np.dtype(buf.dtype).kind == "f"]
         self._flat = {}                        # dtype -> flat array
+        self._groups = self._layout()          # fixed: the containers are read at each step
 
     def _layout(self):
         """[(dtype, [(container, key, size)])]: the tensors of each flat buffer, in order."""
@@ -291,7 +292,7 @@ class StepReducer:
 
     def reduce(self, scalars):
         size = self.comm.size
-        groups = self._layout()
+        groups = self._groups
         scalars = np.asarray(scalars, np.float64)
         flats = []
         for dtype, members in groups.items():
