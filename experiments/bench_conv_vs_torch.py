@@ -1,4 +1,4 @@
-"""Where a ResNet-50 step's convolution time goes: every conv shape, tinynorm vs PyTorch.
+"""Where a ResNet-50 (or cifar10-nv, ``--model cifar10_nv``) step's convolution time goes: every conv shape, tinynorm vs PyTorch.
 
     python experiments/bench_conv_vs_torch.py [--batch 128] [--threads 2] [--repeat 3]
                                               [--torch-channels-last] [--only 3x3]
@@ -60,6 +60,21 @@ def resnet50_convs(width=1.0, size=32):
     return shapes
 
 
+def cifar10_nv_convs(width=1.0, size=28, in_channels=3):
+    """Counter of (C_in, C_out, k, stride, pad, H) over cifar10-nv (Table 2)."""
+    from tinynorm.models.cifar10_nv import _CONVS
+    shapes = Counter()
+    c_in, h = in_channels, size
+    for name, c_out, k, pad in _CONVS:
+        c_out = 10 if c_out is None else max(1, int(round(c_out * width)))
+        shapes[(c_in, c_out, k, 1, pad, h)] += 1
+        h = h + 2 * pad - k + 1
+        if name in ("conv3", "conv6"):
+            h = (h + 2 - 3) // 2 + 1
+        c_in = c_out
+    return shapes
+
+
 def plan_name(plan):
     """The algorithm of a plan, with the 1x1 variant."""
     if plan.algorithm == "pointwise":
@@ -71,6 +86,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--model", choices=("resnet50", "cifar10_nv"), default="resnet50",
+                   help="whose convolutions (cifar10-nv at 3x28x28 unless --in-channels)")
+    p.add_argument("--in-channels", type=int, default=3,
+                   help="input channels of cifar10-nv (1: Fashion-MNIST)")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
@@ -79,7 +98,7 @@ def main():
     p.add_argument("--plans", action="store_true",
                    help="print tinynorm's plan for every shape and exit (no timing)")
     p.add_argument("--winograd-tile", type=int, choices=(2, 4), default=None,
-                   help="tinynorm's Winograd tile (config winograd_tile; default 4)")
+                   help="tinynorm's Winograd tile (config winograd_tile; default auto)")
     p.add_argument("--no-winograd", action="store_true",
                    help="tinynorm without Winograd (config winograd=False)")
     args = p.parse_args()
@@ -92,7 +111,9 @@ def main():
 
 def _shapes(args):
     """(label, count, x shape, w shape, stride, pad) of the selected shapes."""
-    for (ci, co, k, s, pad, h), count in resnet50_convs(args.width).items():
+    shapes = (resnet50_convs(args.width) if args.model == "resnet50"
+              else cifar10_nv_convs(args.width, in_channels=args.in_channels))
+    for (ci, co, k, s, pad, h), count in shapes.items():
         label = f"{ci}->{co} {k}x{k}/{s} @{h}"
         if not args.only or args.only in label:
             yield label, count, (args.batch, ci, h, h), (co, ci, k, k), s, pad
@@ -127,7 +148,7 @@ def run(args):
         ci, k = x_shape[1], w_shape[2]
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = (rng.standard_normal(w_shape) / np.sqrt(ci * k * k)).astype(np.float32)
-        first = ci == 3
+        first = ci == (3 if args.model == "resnet50" else args.in_channels)   # the stem
         y, cache = ops.conv2d_forward(x, w, None, s, pad)
         dy = rng.standard_normal(y.shape).astype(np.float32)
 

@@ -22,7 +22,8 @@ def test_unknown_setting_is_named_in_one_line():
 
 
 @pytest.mark.parametrize("name,value,valid", [
-    ("winograd_tile", 3, "2 or 4"),
+    ("winograd_tile", 3, "'auto', 2 or 4"),
+    ("winograd_tile", "4", "'auto', 2 or 4"),
     ("winograd", 1, "a bool"),
     ("conv_chunk_bytes", 0, "an int >= 1"),
     ("conv_threads", 1.5, "None or an int >= 1"),
@@ -46,14 +47,14 @@ def test_nothing_changes_when_one_value_is_bad():
 
 
 def test_scope_restores_on_exit_exception_and_nesting():
-    assert config.get("winograd_tile") == 4
+    assert config.get("winograd_tile") == "auto"
     with config.using(winograd_tile=2, winograd=False) as inside:
         assert inside is config.current()
         assert (config.get("winograd_tile"), config.get("winograd")) == (2, False)
         with config.using(winograd=True):
             assert (config.get("winograd_tile"), config.get("winograd")) == (2, True)
         assert config.get("winograd") is False
-    assert (config.get("winograd_tile"), config.get("winograd")) == (4, True)
+    assert (config.get("winograd_tile"), config.get("winograd")) == ("auto", True)
     with pytest.raises(RuntimeError, match="boom"):
         with config.using(conv_threads=3):
             assert config.get("conv_threads") == 3
@@ -97,7 +98,7 @@ def test_a_scope_belongs_to_its_thread():
         plain.join()
     release.set()
     t.join()
-    assert seen == {"other": 2, "main": 4, "plain": None}
+    assert seen == {"other": 2, "main": "auto", "plain": None}
 
 
 def test_tinynorm_worker_threads_see_the_callers_settings():
@@ -116,7 +117,7 @@ def test_describe_lists_every_setting():
         table = config.describe().splitlines()
     assert len(table) == 1 + len(config.SETTINGS)
     row = next(r for r in table if r.startswith("winograd_tile"))
-    assert row.split()[1:3] == ["4", "2"]                 # default, current
+    assert row.split()[1:3] == ["auto", "2"]              # default, current
 
 
 def test_no_numba_environment_variable_turns_every_numba_kernel_off():

@@ -13,7 +13,9 @@ from tinynorm.ops.conv import cudnn
 PLANS = [
     ((8, 32, 14, 14), (64, 32, 1, 1), 1, 0, {}, np.float32, "pointwise"),
     ((8, 320, 5, 5), (320, 320, 1, 1), 1, 0, {}, np.float32, "pointwise"),
-    ((8, 32, 14, 14), (32, 32, 3, 3), 1, 1, {}, np.float32, "winograd4"),
+    ((8, 32, 28, 28), (32, 32, 3, 3), 1, 1, {}, np.float32, "winograd4"),
+    ((8, 32, 14, 14), (32, 32, 3, 3), 1, 1, {}, np.float32, "winograd2"),      # auto: 14x14
+    ((8, 32, 14, 14), (32, 32, 3, 3), 1, 1, {"winograd_tile": 4}, np.float32, "winograd4"),
     ((8, 16, 14, 14), (16, 16, 3, 3), 1, 0, {}, np.float64, "winograd4"),
     ((8, 32, 14, 14), (32, 32, 3, 3), 1, 1, {"winograd_tile": 2}, np.float32, "winograd2"),
     ((8, 32, 14, 14), (32, 32, 3, 3), 1, 1, {"winograd": False}, np.float32, "im2col"),
@@ -53,7 +55,7 @@ def test_gpu_plans():
         assert ops.conv_plan(*shapes, backend="gpu").algorithm == "generic"
     want = "cudnn" if cudnn.available() else "generic"
     assert ops.conv_plan(*shapes, backend="gpu").algorithm == want
-    assert ops.conv_plan(*shapes, backend=np).algorithm == "winograd4"
+    assert ops.conv_plan(*shapes, backend=np).algorithm == "winograd2"
     with pytest.raises(ValueError, match="conv_plan: backend must be 'cpu', 'gpu'"):
         ops.conv_plan(*shapes, backend="tpu")
 
@@ -105,6 +107,26 @@ def test_backward_follows_the_forwards_plan(rng, forward_settings, backward_sett
     np.testing.assert_array_equal(got_dw, want[1])
     np.testing.assert_array_equal(got_db, want[2])
     assert any(not np.array_equal(g, g_want) for g, g_want in zip(other_grads, want))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, pad, settings, tile", [
+    ((8, 32, 28, 28), (32, 32, 3, 3), 1, {}, 4),        # 4x4 tiles cover 28x28 exactly
+    ((8, 64, 14, 14), (64, 64, 3, 3), 1, {}, 2),        # 16x16 under 4x4, 14x14 under 2x2
+    ((8, 64, 16, 16), (64, 64, 3, 3), 0, {}, 2),        # 14x14 output (pad 0)
+    ((8, 64, 7, 7), (80, 64, 3, 3), 1, {}, 4),          # 8x8 under both
+    ((8, 16, 6, 6), (16, 16, 3, 3), 1, {}, 2),
+    ((8, 64, 6, 10), (64, 64, 3, 3), 1, {}, 2),         # 8x12 vs 6x10
+    ((8, 128, 14, 14), (128, 128, 3, 3), 1, {}, 2),     # at winograd2_max_channels
+    ((8, 128, 14, 14), (256, 128, 3, 3), 1, {}, 4),     # above it: GEMM-bound
+    ((8, 256, 14, 14), (128, 256, 3, 3), 1, {}, 4),
+    ((8, 256, 14, 14), (128, 256, 3, 3), 1, {"winograd2_max_channels": 256}, 2),
+    ((8, 64, 14, 14), (64, 64, 3, 3), 1, {"winograd_tile": 4}, 4),
+    ((8, 32, 28, 28), (32, 32, 3, 3), 1, {"winograd_tile": 2}, 2),
+])
+def test_auto_winograd_tile(x_shape, w_shape, pad, settings, tile):
+    with config.using(**settings):
+        plan = ops.conv_plan(x_shape, w_shape, 1, pad)
+    assert plan.algorithm == f"winograd{tile}"
 
 
 def test_plan_is_frozen_and_reads_well():

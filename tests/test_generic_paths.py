@@ -59,7 +59,7 @@ def test_force_generic_takes_the_branches_cupy_takes():
     w = rng.standard_normal((16, 16, 3, 3))
     g, b = np.ones(16), np.zeros(16)
     with config.using(**FAST):
-        assert ops.conv2d_forward(x, w, None, 1, 1)[1].plan.algorithm == "winograd4"
+        assert ops.conv2d_forward(x, w, None, 1, 1)[1].plan.algorithm in ("winograd4", "winograd2")
         assert ops.batch_norm_forward(x, g, b, 1e-5)[1].fused
         assert ops.max_pool2d_forward(x, 2, 2, 0)[1][0] == "numba"
     with config.using(**GENERIC):

@@ -241,6 +241,6 @@ def test_k_slices_avoid_4k_aliasing(wg):
 
 
 def test_bad_tile_setting_is_named():
-    with pytest.raises(ValueError, match="winograd_tile must be 2 or 4; got 3"):
+    with pytest.raises(ValueError, match="winograd_tile must be 'auto', 2 or 4; got 3"):
         with config.using(winograd_tile=3):
             pass

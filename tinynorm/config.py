@@ -59,7 +59,8 @@ class Settings:
 
     # -- convolution: which algorithm (tinynorm.ops.conv_plan) -----------------
     winograd: bool = True
-    winograd_tile: int = 4
+    winograd_tile: Union[int, str] = "auto"
+    winograd2_max_channels: int = 128
     winograd_min_channels: int = 16
     use_cudnn: bool = True
     allow_tf32: bool = False
@@ -98,10 +99,17 @@ def _is_int(minimum):
 SETTINGS = {
     "winograd": (_is_bool, "a bool",
                  "Winograd for 3x3 / stride-1 CPU convolutions with enough channels"),
-    "winograd_tile": (lambda v: _is_int(2)(v) and v in (2, 4), "2 or 4",
+    "winograd_tile": (lambda v: v == "auto" or (_is_int(2)(v) and v in (2, 4)),
+                      "'auto', 2 or 4",
                       "output tile of the Winograd path: 4 = F(4x4, 3x3) (36 GEMMs, 4x fewer "
                       "multiply-adds than im2col), 2 = F(2x2, 3x3) (16 GEMMs, 2.25x fewer, "
-                      "rounding as im2col's)"),
+                      "rounding as im2col's); 'auto': 2 where 2x2 tiles cover the output "
+                      "with less padding than 4x4 ones and the layer has at most "
+                      "winograd2_max_channels channels, else 4"),
+    "winograd2_max_channels": (_is_int(1), "an int >= 1",
+                               "winograd_tile 'auto' takes F(2x2, 3x3) only up to this many "
+                               "input and output channels (above it the GEMMs dominate, and "
+                               "F(4x4)'s fewer multiply-adds win even with padded tiles)"),
     "winograd_min_channels": (_is_int(1), "an int >= 1",
                               "Winograd only when input and output channels are both at "
                               "least this (below it its GEMMs are too thin)"),

@@ -15,8 +15,11 @@ The algorithms (first match wins):
                im2col + matmul (:mod:`.generic`)
 ``winograd4``  3x3 kernel, stride 1, at least ``winograd_min_channels`` input
 ``winograd2``  and output channels, ``winograd`` on: Winograd F(4x4, 3x3)
-               (``winograd_tile`` 4, the default) or F(2x2, 3x3) (2)
-               (:mod:`.winograd`)
+               or F(2x2, 3x3) (:mod:`.winograd`), by ``winograd_tile``: 4, 2,
+               or ``"auto"`` (the default): F(2x2) where 2x2 tiles cover the
+               output with less padding than 4x4 tiles (e.g. 14x14: 16x16
+               under 4x4 tiles) and neither channel count exceeds
+               ``winograd2_max_channels``, else F(4x4)
 ``pointwise``  1x1 kernel, stride 1, pad 0: GEMMs on the NCHW data itself,
                per sample (``stacked``) or over N and C swapped
                (:mod:`.pointwise`)
@@ -203,12 +206,31 @@ def _gpu_algorithm(settings, x_shape, w_shape, stride, pad, dtype):
     return ("cudnn", "", False) if ok else ("generic", reason, True)
 
 
+def _winograd_tile(settings, x_shape, w_shape, pad):
+    """4 or 2: the ``winograd_tile`` setting, or its ``"auto"`` rule.
+
+    A padded tile costs what a full one does, and F(4x4)'s advantage (2.25
+    transform-domain values per output against F(2x2)'s 4) is lost where its
+    tiles overhang the output; F(2x2)'s cheaper transforms then win while the
+    GEMMs are small.  Measured (2 cores, batch 128, forward + backward): 14x14
+    outputs 64->64 and 32->64 channels 0.87x and 0.86x F(4x4)'s time,
+    128->256 0.97x, 256->256 1.05x; 7x7 (both tiles overhang) 64->80 1.05x."""
+    if settings.winograd_tile != "auto":
+        return settings.winograd_tile
+    oh = x_shape[2] + 2 * pad[0] - 2
+    ow = x_shape[3] + 2 * pad[1] - 2
+    area = {m: (-(-oh // m) * m) * (-(-ow // m) * m) for m in (2, 4)}
+    small = max(x_shape[1], w_shape[0]) <= settings.winograd2_max_channels
+    return 2 if small and area[2] < area[4] else 4
+
+
 def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype):
     if not config.numba_enabled(settings) or dtype not in geo.FAST_DTYPES:
         return "generic"
     if (settings.winograd and kernel == (3, 3) and stride == (1, 1)
             and min(x_shape[1], w_shape[0]) >= settings.winograd_min_channels):
-        return "winograd4" if settings.winograd_tile == 4 else "winograd2"
+        tile = _winograd_tile(settings, x_shape, w_shape, pad)
+        return "winograd4" if tile == 4 else "winograd2"
     if _is_pointwise(kernel, stride, pad):
         return "pointwise"
     return "im2col"
