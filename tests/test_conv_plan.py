@@ -170,3 +170,22 @@ def test_gpu_backward_follows_the_forwards_plan():
     dx_ref, dw_ref, _ = ops.conv2d_reference_backward(dy_ref, cache_ref)
     np.testing.assert_allclose(backend.to_numpy(dx), dx_ref, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(backend.to_numpy(dw), dw_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_winograd_chunks_hold_enough_tiles_and_no_more():
+    """winograd_chunk_tiles: chunks of about that many times max(C, C_out)
+    tiles, under the winograd_chunk_bytes cap; 0 turns the rule off."""
+    small = ((128, 32, 28, 28), (32, 32, 3, 3), 1, 1)        # 49 tiles per sample
+    with config.using(conv_threads=1, winograd_chunk_tiles=0):
+        assert ops.conv_plan(*small).n_chunks == 2            # 74 samples (225 KB) per 16 MB
+    with config.using(conv_threads=1):                        # default 32 tiles per channel
+        plan = ops.conv_plan(*small)
+    assert plan.n_chunks == -(-128 // 21)                 # 21 samples hold 1029 >= 32*32 tiles
+    with config.using(conv_threads=1, winograd_chunk_tiles=64):
+        assert ops.conv_plan(*small).n_chunks == -(-128 // 42)    # 42 * 49 >= 64 * 32
+    # wide layers stay at the byte cap: 32 * 256 tiles would be 75 MB
+    wide = ((128, 256, 14, 14), (256, 256, 3, 3), 1, 1)
+    with config.using(conv_threads=1):
+        a = ops.conv_plan(*wide).n_chunks
+    with config.using(conv_threads=1, winograd_chunk_tiles=0):
+        assert ops.conv_plan(*wide).n_chunks == a

@@ -67,6 +67,7 @@ class Settings:
     # -- convolution: chunks of the batch and pipeline threads ----------------
     conv_chunk_bytes: int = 32 << 20
     winograd_chunk_bytes: int = 16 << 20
+    winograd_chunk_tiles: int = 32
     conv_threads: Optional[int] = None
     # -- threads of GEMMs and numba kernels -----------------------------------
     split_min_flops: int = 1 << 24
@@ -124,6 +125,11 @@ SETTINGS = {
                          "convolution"),
     "winograd_chunk_bytes": (_is_int(1), "an int >= 1",
                              "bytes per batch chunk of the Winograd transform buffers"),
+    "winograd_chunk_tiles": (_is_int(0), "an int >= 0",
+                             "Winograd chunks of about this many times max(C, C_out) tiles "
+                             "(whole samples), when that is under winograd_chunk_bytes: "
+                             "enough columns for the GEMMs, small enough to stay in cache; "
+                             "0: chunks as large as winograd_chunk_bytes allows"),
     "conv_threads": (lambda v: v is None or _is_int(1)(v), "None or an int >= 1",
                      "threads of the convolution batch pipeline; None: OpenBLAS's thread "
                      "count for large convolutions, 1 (the calling thread) for small ones"),
