@@ -20,8 +20,10 @@ SMALL = dict(model="cifar10_nv", norm="bn", dataset="fashion-mnist", width=1 / 1
 
 
 def test_training_lowers_the_loss_and_beats_chance(tmp_path):
+    # 2048 images: with 1024 the last epoch ended at 38-45% (it moves with the
+    # conv plans' summation order, e.g. with the thread count), too near 40%
     trainer = Trainer(dict(SMALL, width=1 / 8, batch_size=32, lr=0.05, epochs=3,
-                           out=str(tmp_path / "run")))
+                           train_limit=2048, out=str(tmp_path / "run")))
     assert trainer.run() == "completed"
     log = read_log(tmp_path / "run")
     loss = log["iter"]["loss"]
