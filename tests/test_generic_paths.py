@@ -12,10 +12,9 @@ import pytest
 
 from tinynorm import config, ops
 from tinynorm.backend import is_array
-from tinynorm.models import build_model
-from tinynorm.norms import NORM_REGISTRY, norm_names
-from tinynorm.optim import SGD, LRSchedule
 from tinynorm.selfcheck import all_cases
+
+from model_steps import CASE_IDS, MODEL_CASES, sgd_steps
 
 RTOL = ATOL = 1e-8
 # the fast side: fused BN kernels even for the tiny test shapes
@@ -76,12 +75,7 @@ def test_force_generic_takes_the_branches_cupy_takes():
     assert config.numba_enabled(config.Settings())
 
 
-# every model with every norm it has, at tiny sizes, float64
-MODEL_CASES = (
-    [("cifar10_nv", n) for n in norm_names()]
-    + [("resnet50", n) for n in norm_names()]
-    + [("deep_linear", n) for n, e in NORM_REGISTRY.items() if e.linear_unit is not None])
-
+# every model with every norm it has (model_steps.MODEL_CASES), at tiny sizes, float64
 MODEL_KW = {
     "cifar10_nv": dict(in_channels=3, width=1 / 16, input=(3, 28, 28)),
     "resnet50": dict(in_channels=3, width=1 / 32, stem="cifar", input=(3, 16, 16)),
@@ -93,30 +87,16 @@ MODEL_KW = {
 def _train_steps(model_name, norm, settings, steps=2):
     """Two SGD steps (momentum, weight decay) on fixed batches; returns the
     losses, the last gradients and the parameters after the steps."""
-    kw = dict(MODEL_KW[model_name])
-    shape = kw.pop("input")
-    model = build_model(model_name, norm, num_classes=10, seed=3, dtype=np.float64,
-                        opts=dict(bn_chunk=None), **kw)
-    opt = SGD(model, LRSchedule("constant", 0.01, 10), momentum=0.9, weight_decay=1e-3)
-    rng = np.random.default_rng(11)
-    losses = []
     with config.using(**settings):
-        for _ in range(steps):
-            x = rng.standard_normal((4,) + shape)
-            y = rng.integers(0, 10, 4)
-            logits = model(x)
-            loss, dlogits = ops.softmax_cross_entropy(logits, y)
-            model.backward(dlogits)
-            opt.step()
-            losses.append(float(loss))
+        losses, model, _ = sgd_steps(model_name, norm, MODEL_KW[model_name], batch=4,
+                                     steps=steps)
     grads = {k: np.array(v) for k, v in model.gradients().items()}
     params = {k: np.array(v) for k, v in model.parameters().items()}
     buffers = {k: np.array(v) for k, v in model.state_dict().items() if k not in params}
     return losses, grads, params, buffers
 
 
-@pytest.mark.parametrize("model_name,norm", MODEL_CASES,
-                         ids=[f"{m}-{n}" for m, n in MODEL_CASES])
+@pytest.mark.parametrize("model_name,norm", MODEL_CASES, ids=CASE_IDS)
 def test_training_step_on_generic_branches_matches_the_fast_path(model_name, norm):
     fast = _train_steps(model_name, norm, FAST)
     generic = _train_steps(model_name, norm, GENERIC)

@@ -18,10 +18,10 @@ from tinynorm import backend, config, nn, ops
 from tinynorm.backend import is_array, to_numpy
 from tinynorm.gradcheck import gradcheck
 from tinynorm.models import build_model
-from tinynorm.norms import NORM_REGISTRY, norm_names
-from tinynorm.optim import SGD, LRSchedule
 from tinynorm.selfcheck import all_cases
 from tinynorm.train import Trainer, _Data, make_config
+
+from model_steps import CASE_IDS, MODEL_CASES, sgd_steps
 
 pytestmark = pytest.mark.gpu
 
@@ -169,9 +169,6 @@ def test_every_conv_plan_path_matches_the_reference(dtype):
 
 # -- training: GPU against CPU ------------------------------------------------------------
 
-MODEL_CASES = (
-    [("cifar10_nv", n) for n in norm_names()] + [("resnet50", n) for n in norm_names()]
-    + [("deep_linear", n) for n, e in NORM_REGISTRY.items() if e.linear_unit is not None])
 MODEL_KW = {
     "cifar10_nv": dict(in_channels=3, width=1 / 8, input=(3, 28, 28)),
     "resnet50": dict(in_channels=3, width=1 / 16, stem="cifar", input=(3, 32, 32)),
@@ -181,28 +178,14 @@ MODEL_KW = {
 
 
 def _two_steps(model_name, norm, device, dtype):
-    kw = dict(MODEL_KW[model_name])
-    shape = kw.pop("input")
-    model = build_model(model_name, norm, num_classes=10, seed=3, dtype=dtype,
-                        opts=dict(bn_chunk=None), **kw).to(device)
-    opt = SGD(model, LRSchedule("constant", 0.01, 10), momentum=0.9, weight_decay=1e-3)
-    rng = np.random.default_rng(11)
-    losses = []
-    for _ in range(2):
-        x = backend.to_device(rng.standard_normal((8,) + shape).astype(dtype), device)
-        y = backend.to_device(rng.integers(0, 10, 8), device)
-        logits = model(x)
-        loss, dlogits = ops.softmax_cross_entropy(logits, y)
-        model.backward(dlogits)
-        opt.step()
-        losses.append(float(loss))
+    losses, model, opt = sgd_steps(model_name, norm, MODEL_KW[model_name], batch=8,
+                                   dtype=dtype, device=device)
     assert all(backend.device_of(v) == device for v in opt.velocity.values())
     return losses, {k: to_numpy(v) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("model_name,norm", MODEL_CASES,
-                         ids=[f"{m}-{n}" for m, n in MODEL_CASES])
+@pytest.mark.parametrize("model_name,norm", MODEL_CASES, ids=CASE_IDS)
 def test_two_training_steps_on_the_gpu_match_the_cpu(model_name, norm, dtype):
     ref_losses, ref_state = _two_steps(model_name, norm, "cpu", np.float64)
     losses, state = _two_steps(model_name, norm, "gpu", dtype)

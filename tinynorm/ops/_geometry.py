@@ -43,7 +43,7 @@ from .. import backend, config
 __all__ = [
     "pair", "conv_outsize", "window_geometry", "im2col", "col2im",
     "im2col_reference", "col2im_reference", "FAST_DTYPES", "launch",
-    "blas_workers_spin", "numba_ok", "serial_twin",
+    "blas_workers_spin", "numba_ok", "serial_twin", "function_copy",
 ]
 
 # The dtypes the numba kernels are compiled for.
@@ -230,26 +230,32 @@ def _col2im_kernel(col, n_batch, n_chan, h, w, kh, kw, sh, sw, ph, pw, oh, ow, x
                             x[dst + t * step] += col[src + t]
 
 
+def function_copy(kernel, suffix, **overrides):
+    """A copy of the numba ``kernel``'s Python function, named
+    ``<name>_<suffix>``, whose globals ``overrides`` replace (e.g. a helper it
+    calls), ready for ``njit`` with other options.
+
+    numba names a function's on-disk cache after its qualified name and first
+    line, and keys the entries by signature and bytecode, not by compile
+    options or globals: a copy under the same name would share the kernel's
+    cache entry, and both would run whichever of the two was compiled first."""
+    f = kernel.py_func
+    globals_ = dict(f.__globals__, **overrides) if overrides else f.__globals__
+    copy = types.FunctionType(f.__code__, globals_, f"{f.__name__}_{suffix}",
+                              f.__defaults__, f.__closure__)
+    copy.__qualname__ = f"{f.__qualname__}_{suffix}"
+    copy.__doc__ = f.__doc__
+    return copy
+
+
 def serial_twin(kernel, **options):
     """The single-threaded twin of the ``parallel=True`` numba ``kernel``
     (``prange`` runs as ``range``), which releases the GIL: conv2d's batch
     pipeline runs one per Python thread, each on its own chunk of samples
     (see ``conv/pipeline.py``).  ``options``: further ``njit`` options
-    (e.g. the kernel's ``fastmath``).
-
-    The twin is compiled from a copy of the kernel's Python function named
-    ``<name>_serial``.  numba names a function's on-disk cache after its
-    qualified name and first line, and keys the entries by signature and
-    bytecode, not by compile options: a twin made from the very same function
-    shares the kernel's cache entry, and both then run whichever of the two
-    was compiled first.
-    """
-    f = kernel.py_func
-    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
-                              f.__defaults__, f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
-    twin.__doc__ = f.__doc__
-    twin = njit(nogil=True, cache=True, **options)(twin)
+    (e.g. the kernel's ``fastmath``).  Compiled from
+    :func:`function_copy` (``<name>_serial``)."""
+    twin = njit(nogil=True, cache=True, **options)(function_copy(kernel, "serial"))
     _SERIAL_TWINS[kernel] = twin
     return twin
 

@@ -29,8 +29,6 @@ follows it.  The tests hold the two equal.
 """
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import njit, prange, uint64
 
@@ -147,18 +145,9 @@ def _max_fwd_kernel(x, n_planes, h, w, kh, kw, sh, sw, ph, pw, oh, ow, y, arg):
                     arg[t] = iy * w + row_arg[r + ox] if take else arg[t]
 
 
-def _with_comparison(kernel, takes, suffix):
-    """A copy of the numba ``kernel`` whose ``_takes`` is ``takes`` (named
-    ``<name>_<suffix>``, so that numba caches it apart from the kernel)."""
-    f = kernel.py_func
-    copy = types.FunctionType(f.__code__, dict(f.__globals__, _takes=takes),
-                              f"{f.__name__}_{suffix}", f.__defaults__, f.__closure__)
-    copy.__qualname__ = f"{f.__qualname__}_{suffix}"
-    copy.__doc__ = f.__doc__
-    return njit(parallel=True, cache=True)(copy)
-
-
-_max_fwd_finite = _with_comparison(_max_fwd_kernel, _takes_finite, "finite")
+# the kernel with _takes_finite in place of _takes
+_max_fwd_finite = njit(parallel=True, cache=True)(
+    geo.function_copy(_max_fwd_kernel, "finite", _takes=_takes_finite))
 
 
 @njit(parallel=True, cache=True)

@@ -206,7 +206,7 @@ def _gpu_algorithm(settings, x_shape, w_shape, stride, pad, dtype):
     return ("cudnn", "", False) if ok else ("generic", reason, True)
 
 
-def _winograd_tile(settings, x_shape, w_shape, pad):
+def _winograd_tile(settings, x_shape, w_shape, out_hw):
     """4 or 2: the ``winograd_tile`` setting, or its ``"auto"`` rule.
 
     A padded tile costs what a full one does, and F(4x4)'s advantage (2.25
@@ -217,19 +217,18 @@ def _winograd_tile(settings, x_shape, w_shape, pad):
     128->256 0.97x, 256->256 1.05x; 7x7 (both tiles overhang) 64->80 1.05x."""
     if settings.winograd_tile != "auto":
         return settings.winograd_tile
-    oh = x_shape[2] + 2 * pad[0] - 2
-    ow = x_shape[3] + 2 * pad[1] - 2
+    oh, ow = out_hw
     area = {m: (-(-oh // m) * m) * (-(-ow // m) * m) for m in (2, 4)}
     small = max(x_shape[1], w_shape[0]) <= settings.winograd2_max_channels
     return 2 if small and area[2] < area[4] else 4
 
 
-def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype):
+def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, out_hw, dtype):
     if not config.numba_enabled(settings) or dtype not in geo.FAST_DTYPES:
         return "generic"
     if (settings.winograd and kernel == (3, 3) and stride == (1, 1)
             and min(x_shape[1], w_shape[0]) >= settings.winograd_min_channels):
-        tile = _winograd_tile(settings, x_shape, w_shape, pad)
+        tile = _winograd_tile(settings, x_shape, w_shape, out_hw)
         return "winograd4" if tile == 4 else "winograd2"
     if _is_pointwise(kernel, stride, pad):
         return "pointwise"
@@ -289,7 +288,7 @@ def make_plan(x_shape, w_shape, stride, pad, out_hw, dtype, gpu):
         tf32 = algorithm == "cudnn" and settings.allow_tf32 and dtype == np.float32
         return ConvPlan(algorithm, x_shape, w_shape, stride, pad, out_hw, dtype,
                         settings=settings, tf32=tf32, reason=reason, fallback=fallback)
-    algorithm = _algorithm(settings, x_shape, w_shape, kernel, stride, pad, dtype)
+    algorithm = _algorithm(settings, x_shape, w_shape, kernel, stride, pad, out_hw, dtype)
     if algorithm == "generic":
         return ConvPlan(algorithm, x_shape, w_shape, stride, pad, out_hw, dtype,
                         settings=settings)
