@@ -67,6 +67,9 @@ def main():
     p.add_argument("--track-norms-every", type=int, default=None,
                    help="default: the trainer's")
     args = p.parse_args()
+    for flag, value in (("--iters", args.iters), ("--batch-size", args.batch_size)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     backend.tune_allocator()
     with tempfile.TemporaryDirectory() as out:
         over = dict(model=args.model, norm=args.norm, width=args.width,
