@@ -141,6 +141,34 @@ def test_launcher_without_mpi4py_is_a_named_error(monkeypatch):
         parallel.world()
 
 
+def test_srun_is_a_launcher_and_an_sbatch_script_is_not(monkeypatch):
+    for var in parallel._SIZE_VARS + parallel._RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    # inside an sbatch script: the allocation's task count, no job step
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert parallel.launched_size() == 1
+    # a task of `srun -n 4`
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert (parallel.launched_size(), parallel.launched_rank()) == (4, 3)
+    # mpirun's own variables win over the srun step that started its daemons
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    assert (parallel.launched_size(), parallel.launched_rank()) == (2, 1)
+
+
+@pytest.mark.skipif(not _have_mpi(), reason="needs mpi4py + mpirun (pip install -e '.[mpi]')")
+def test_a_launcher_that_did_not_start_mpi_is_a_named_error():
+    """srun without an MPI plugin: the step announces 3 tasks, MPI sees 1."""
+    env = {k: v for k, v in os.environ.items() if k not in parallel._SIZE_VARS}
+    env["SLURM_STEP_NUM_TASKS"], env["SLURM_PROCID"] = "3", "0"
+    out = subprocess.run([sys.executable, "-c", "from tinynorm import parallel; parallel.world()"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "announced 3 ranks but MPI sees 1" in out.stderr
+
+
 def test_without_a_launcher_the_run_is_a_single_process(monkeypatch):
     for var in parallel._SIZE_VARS:
         monkeypatch.delenv(var, raising=False)

@@ -25,8 +25,9 @@ rank per GPU, the communicator's id broadcast over MPI.  The NCCL path has
 never run on a GPU (the developers' machines have none).
 
 Without a launcher (none of ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE``,
-``MV2_COMM_WORLD_SIZE`` in the environment), or with one rank, :func:`world`
-is a :class:`SingleProcess` and mpi4py is not imported.
+``MV2_COMM_WORLD_SIZE``, or srun's ``SLURM_STEP_NUM_TASKS`` in the
+environment), or with one rank, :func:`world` is a :class:`SingleProcess` and
+mpi4py is not imported.
 """
 from __future__ import annotations
 
@@ -43,10 +44,14 @@ __all__ = ["ParallelError", "world", "launched_size", "launched_rank", "SinglePr
            "StepReducer", "together", "state_checksum", "limit_threads", "use_local_gpu",
            "describe"]
 
-# where MPI launchers announce the number of ranks and this process's rank
-# (Open MPI, MPICH's hydra, MVAPICH)
-_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+# where launchers announce the number of ranks and this process's rank: Open
+# MPI's mpirun, MPICH's hydra (and PMI-1/2 launchers), MVAPICH, then Slurm's
+# srun.  srun sets SLURM_STEP_NUM_TASKS in each task of its job step; an
+# sbatch script itself has only SLURM_NTASKS (the allocation's task count),
+# which must not make a single process think it is one of many.  A launcher
+# named earlier wins (mpirun inside an allocation starts its daemons with srun).
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
 
 
 class ParallelError(RuntimeError):
@@ -174,7 +179,13 @@ def world():
                 raise ParallelError(
                     f"started by an MPI launcher with {size} ranks, but mpi4py is not "
                     f"installed: pip install 'tinynorm[mpi]'") from None
-            _WORLD = MPIComm()
+            comm = MPIComm()
+            if comm.size != size:
+                raise ParallelError(
+                    f"the launcher announced {size} ranks but MPI sees {comm.size}: the MPI "
+                    f"library was not started by that launcher (under srun, pick its MPI "
+                    f"plugin, e.g. srun --mpi=pmi2 or --mpi=pmix)")
+            _WORLD = comm
             limit_threads(_WORLD)
         else:
             _WORLD = SingleProcess()
