@@ -40,38 +40,27 @@ import numpy as np  # noqa: E402
 from tinynorm import backend, config, ops  # noqa: E402
 
 
-def resnet50_convs(width=1.0, size=32):
-    """Counter of (C_in, C_out, k, stride, pad, H) over ResNet-50 (CIFAR stem)."""
-    ch = lambda c: max(1, int(round(c * width)))  # noqa: E731
+def model_convs(model, width=1.0, size=32, in_channels=3):
+    """Counter of (C_in, C_out, k, stride, pad, H) over the Conv2d layers of the
+    built model (ResNet-50 with the CIFAR stem, or cifar10-nv), read off one
+    eval-mode forward of a single image, so that it follows the model code."""
+    from tinynorm.models import build_model
+    from tinynorm.nn import Conv2d
+    kw = {"stem": "cifar"} if model == "resnet50" else {}
+    net = build_model(model, "bn", in_channels=in_channels, num_classes=10, width=width,
+                      **kw).eval()
     shapes = Counter()
-    shapes[(3, ch(64), 3, 1, 1, size)] += 1
-    c_in, h = ch(64), size
-    for s, (n_blocks, mid) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for b in range(n_blocks):
-            stride = 2 if (b == 0 and s > 1) else 1
-            m, c_out = ch(mid), ch(mid * 4)
-            shapes[(c_in, m, 1, 1, 0, h)] += 1
-            shapes[(m, m, 3, stride, 1, h)] += 1
-            h_out = (h + 2 - 3) // stride + 1
-            shapes[(m, c_out, 1, 1, 0, h_out)] += 1
-            if stride != 1 or c_in != c_out:
-                shapes[(c_in, c_out, 1, stride, 0, h)] += 1
-            c_in, h = c_out, h_out
-    return shapes
+    forward = Conv2d.forward
 
-
-def cifar10_nv_convs(width=1.0, size=28, in_channels=3):
-    """Counter of (C_in, C_out, k, stride, pad, H) over cifar10-nv (Table 2)."""
-    from tinynorm.models.cifar10_nv import _CONVS
-    shapes = Counter()
-    c_in, h = in_channels, size
-    for name, c_out, k, pad in _CONVS:
-        c_out = 10 if c_out is None else max(1, int(round(c_out * width)))
-        shapes[(c_in, c_out, k, 1, pad, h)] += 1
-        h = h + 2 * pad - k + 1
-        if name in ("conv3", "conv6"):
-            h = (h + 2 - 3) // 2 + 1
-        c_in = c_out
+    def record(layer, x):
+        c_out, c_in, k, _ = layer.params["w"].shape
+        shapes[(c_in, c_out, k, layer.stride, layer.pad, x.shape[2])] += 1
+        return forward(layer, x)
+    Conv2d.forward = record
+    try:
+        net(np.zeros((1, in_channels, size, size), np.float32))
+    finally:
+        Conv2d.forward = forward
     return shapes
 
 
@@ -111,8 +100,8 @@ def main():
 
 def _shapes(args):
     """(label, count, x shape, w shape, stride, pad) of the selected shapes."""
-    shapes = (resnet50_convs(args.width) if args.model == "resnet50"
-              else cifar10_nv_convs(args.width, in_channels=args.in_channels))
+    shapes = (model_convs("resnet50", args.width, 32) if args.model == "resnet50"
+              else model_convs("cifar10_nv", args.width, 28, args.in_channels))
     for (ci, co, k, s, pad, h), count in shapes.items():
         label = f"{ci}->{co} {k}x{k}/{s} @{h}"
         if not args.only or args.only in label:

@@ -1,20 +1,16 @@
 """Signal propagation (RMS/mean by depth) and weight coherence, against direct NumPy."""
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tinynorm import nn
 from tinynorm.diagnostics import SignalRecorder, coherence, measure_signal, weight_coherences
 from tinynorm.models import cifar10_nv, resnet
 from tinynorm.train import Trainer, read_log, upgrade_config
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("TINYNORM_DATA"),
-                                reason="Fashion-MNIST not installed")
+from data_markers import needs_fmnist
+
 
 
 def coherence_by_loops(w):
@@ -124,7 +120,7 @@ SMALL = dict(model="resnet50", norm="wn", dataset="fashion-mnist", width=1 / 16,
              max_iters=5, progress=False, seed=3, min_std=10.0, track_signal_every=2)
 
 
-@needs_data
+@needs_fmnist
 def test_trainer_records_signal_and_coherence(tmp_path):
     t = Trainer(dict(SMALL, out=str(tmp_path / "run")))
     x0, _ = t.data.train_batch(0, 0)
@@ -142,7 +138,7 @@ def test_trainer_records_signal_and_coherence(tmp_path):
     assert not np.allclose(coh["value"][2], coh["value"][0])      # the weights moved
 
 
-@needs_data
+@needs_fmnist
 def test_cli_signal_prints_and_writes_the_measurement(tmp_path, capsys):
     from tinynorm.cli import main
     args = ["signal", "--model", "cifar10_nv", "--norm", "normprop", "--width", "0.0625",

@@ -1,6 +1,5 @@
 """The experiments' smoke presets run end to end: logs, statuses and figures."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +8,9 @@ import pytest
 
 from tinynorm.train import read_log
 
+from data_markers import needs_fmnist
+
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("TINYNORM_DATA"),
-                                reason="Fashion-MNIST not installed")
 
 
 def run_script(name, runs, *extra):
@@ -28,7 +26,7 @@ def check_png(path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-@needs_data
+@needs_fmnist
 def test_fig2_smoke_runs_all_five_norms_and_resumes(tmp_path):
     run_script("fig2_cifar10_nv", tmp_path)
     logs = tmp_path / "smoke" / "fig2_cifar10_nv" / "logs"
@@ -48,7 +46,7 @@ def test_fig2_smoke_runs_all_five_norms_and_resumes(tmp_path):
     assert out.count("already") == 5
 
 
-@needs_data
+@needs_fmnist
 def test_fig3_and_linear_smoke(tmp_path):
     run_script("fig3_resnet50", tmp_path)
     exp = tmp_path / "smoke" / "fig3_resnet50"
@@ -70,7 +68,7 @@ def test_fig3_and_linear_smoke(tmp_path):
     assert wn["coherence"]["value"].shape == (len(wn["iter"]["iteration"]), 50)
 
 
-@needs_data
+@needs_fmnist
 def test_ablation_smoke_records_each_variant_as_configured(tmp_path):
     out = run_script("ablation_init", tmp_path)
     exp = tmp_path / "smoke" / "ablation_init"

@@ -26,10 +26,9 @@ from tinynorm.cli import main as cli_main
 from tinynorm.gradcheck import GradcheckError, gradcheck
 from tinynorm.train import DEFAULTS, Trainer, read_log
 
+from data_markers import HAVE_FMNIST, needs_fmnist
+
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("TINYNORM_DATA"),
-                                reason="Fashion-MNIST not installed")
 
 # 4 batches per epoch, 2 epochs: a second or two per run
 NV = dict(model="cifar10_nv", norm="bn", dataset="fashion-mnist", width=1 / 16,
@@ -124,7 +123,7 @@ def assert_same_run(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted NV run every interrupted one must reproduce bit for bit."""
-    if not FMNIST.exists() and not os.environ.get("TINYNORM_DATA"):
+    if not HAVE_FMNIST:
         pytest.skip("Fashion-MNIST not installed")
     with _one_thread():                 # (module scope: set up before the autouse fixture)
         trainer = Trainer(dict(NV, out=str(tmp_path_factory.mktemp("ref") / "run")))
@@ -156,7 +155,7 @@ def tmpfs(tmp_path):
 
 # --------------------------------------------------------------------------- the table's rows
 
-@needs_data
+@needs_fmnist
 def test_row1_a_directory_holding_a_run_is_not_overwritten(tmp_path, capsys, no_data):
     out = tmp_path / "run"
     out.mkdir()
@@ -172,7 +171,7 @@ def test_row1_a_directory_holding_a_run_is_not_overwritten(tmp_path, capsys, no_
         Trainer(dict(LIN, out=str(out)), resume=False)
 
 
-@needs_data
+@needs_fmnist
 def test_row1_overwrite_replaces_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -188,7 +187,7 @@ def test_row1_overwrite_replaces_the_run(tmp_path, capsys):
         trainer.run()
 
 
-@needs_data
+@needs_fmnist
 def test_row2_resume_refuses_keys_that_change_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(capsys, "train", *LIN_FLAGS, "--max-iters", "2", "--out", out)[0] == 0
@@ -206,7 +205,7 @@ def test_row2_resume_refuses_keys_that_change_the_run(tmp_path, capsys):
         legacy.run(resume=True)
 
 
-@needs_data
+@needs_fmnist
 def test_row2_allowed_changes_are_recorded_with_their_iteration(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(capsys, "train", *LIN_FLAGS, "--max-iters", "2", "--out", out)[0] == 0
@@ -224,7 +223,7 @@ def test_row2_allowed_changes_are_recorded_with_their_iteration(tmp_path, capsys
     assert "lr" not in config_checks.RESUME_ALLOWED
 
 
-@needs_data
+@needs_fmnist
 def test_row3_resume_without_log_takes_the_checkpoints_configuration(tmp_path, capsys):
     full = Trainer(dict(LIN, out=str(tmp_path / "full")))
     full.run()
@@ -261,7 +260,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@needs_data
+@needs_fmnist
 def test_row4_sigterm_mid_epoch_checkpoints_and_resume_is_bit_identical(tmp_path, reference):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT)), "train",
@@ -290,7 +289,7 @@ def test_row4_sigterm_mid_epoch_checkpoints_and_resume_is_bit_identical(tmp_path
     assert read_log(out)["status"] == "completed"
 
 
-@needs_data
+@needs_fmnist
 def test_row4_sighup_is_handled_like_sigint(tmp_path, reference):
     out = tmp_path / "run"
     run = Trainer(dict(NV, out=str(out)))
@@ -307,7 +306,7 @@ def test_row4_sighup_is_handled_like_sigint(tmp_path, reference):
     assert_same_run(reference, resumed)
 
 
-@needs_data
+@needs_fmnist
 def test_row4_an_ignored_sighup_stays_ignored(tmp_path, reference):
     # under nohup SIGHUP is SIG_IGN: closing the terminal must not stop the run
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -321,7 +320,7 @@ def test_row4_an_ignored_sighup_stays_ignored(tmp_path, reference):
     assert_same_run(reference, run)
 
 
-@needs_data
+@needs_fmnist
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_row4_a_signal_during_start_up_is_one_line(tmp_path, capsys, monkeypatch, signum):
     def loading(*args, **kwargs):
@@ -354,7 +353,7 @@ def _flip_byte_inside(path, dataset, at=5):
         fh.write(bytes([byte[0] ^ 0x40]))
 
 
-@needs_data
+@needs_fmnist
 def test_row5_a_flipped_byte_in_a_weight_is_a_named_error_never_a_status(tmp_path, capsys):
     out = _finished_run(tmp_path, capsys)
     log_before = read_log(out)
@@ -374,7 +373,7 @@ def test_row5_a_flipped_byte_in_a_weight_is_a_named_error_never_a_status(tmp_pat
     assert log["status"] == log_before["status"] == "completed"   # not "diverged"
 
 
-@needs_data
+@needs_fmnist
 def test_row5_non_finite_weights_truncation_and_attributes_are_caught(tmp_path, capsys):
     out = _finished_run(tmp_path, capsys)
     path = out / "checkpoint.h5"
@@ -406,7 +405,7 @@ def test_row5_non_finite_weights_truncation_and_attributes_are_caught(tmp_path, 
         Trainer._read_checkpoint(nan_path)
 
 
-@needs_data
+@needs_fmnist
 @pytest.mark.parametrize("flags", [["--eval-every", "0"], ["--train-limit", "0"],
                                    ["--momentum", "2"], ["--weight-decay", "-1"],
                                    ["--norm", "nope"], ["--epochs", "0"], ["--lr", "0"]])
@@ -419,7 +418,7 @@ def test_row6_and_8_bad_values_fail_in_one_line_before_any_data_loads(tmp_path, 
     assert not out.exists() or run_files.holds_a_run(out) == []
 
 
-@needs_data
+@needs_fmnist
 def test_row6_an_empty_test_set_fails_before_the_first_iteration(tmp_path, monkeypatch):
     from tinynorm import datasets
     real = datasets.load_dataset
@@ -433,7 +432,7 @@ def test_row6_an_empty_test_set_fails_before_the_first_iteration(tmp_path, monke
         Trainer(dict(LIN, test_limit=None, out=str(tmp_path / "run")), resume=False)
 
 
-@needs_data
+@needs_fmnist
 def test_row6_read_only_run_directory_fails_before_data_loads(tmp_path, capsys, no_data, tmpfs):
     read_only = tmpfs("1m", read_only=True)
     out = read_only / "run"
@@ -452,7 +451,7 @@ def test_row6_unwritable_run_directory_simulated(tmp_path, monkeypatch):
         run_files.probe_run_dir(tmp_path / "run")
 
 
-@needs_data
+@needs_fmnist
 def test_row6_too_little_free_space_fails_before_the_first_iteration(tmp_path, tmpfs):
     small = tmpfs("1m")        # the checkpoint estimate alone is over 1 MiB
     trainer = Trainer(dict(NV, out=str(small / "run")), resume=False)
@@ -483,7 +482,7 @@ def _assert_interrupted_by_full_disk(trainer, out):
     assert ck["position"] == (1, 0, 4)
 
 
-@needs_data
+@needs_fmnist
 def test_row7_full_disk_while_checkpointing_real_tmpfs(tmp_path, tmpfs, reference):
     disk = tmpfs("4m")
     out = disk / "run"
@@ -504,7 +503,7 @@ def test_row7_full_disk_while_checkpointing_real_tmpfs(tmp_path, tmpfs, referenc
     assert_same_run(reference, resumed)
 
 
-@needs_data
+@needs_fmnist
 def test_row7_full_disk_simulated_through_the_cli(tmp_path, capsys, monkeypatch, reference):
     out = tmp_path / "run"
     real_write, full = run_files._write_fully, []
@@ -561,7 +560,7 @@ def test_a_checkpoint_from_before_checksums_is_still_read_and_checked(tmp_path):
     np.testing.assert_array_equal(arrays["model/w"], np.ones(3))
 
 
-@needs_data
+@needs_fmnist
 def test_row7_a_failed_checkpoint_on_sigint_says_so(tmp_path, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -593,7 +592,7 @@ time.sleep(60)
 """
 
 
-@needs_data
+@needs_fmnist
 def test_two_processes_never_train_into_one_directory(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -626,7 +625,7 @@ def test_row7_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     np.testing.assert_array_equal(arrays["x"], np.arange(3))
 
 
-@needs_data
+@needs_fmnist
 @pytest.mark.parametrize("toml, key", [('augment = "no"', "augment"),
                                        ("batch_size = 32.5", "batch_size"),
                                        ("train_limit = 0", "train_limit"),

@@ -18,11 +18,11 @@ import pytest
 
 from tinynorm import parallel
 from tinynorm.models import build_model
-from tinynorm.train import Trainer, read_log
+from tinynorm.train import read_log
+
+from data_markers import HAVE_FMNIST
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-HAVE_DATA = FMNIST.exists() or bool(os.environ.get("TINYNORM_DATA"))
 
 
 def _have_mpi():
@@ -36,7 +36,7 @@ def _have_mpi():
 if os.environ.get("TINYNORM_REQUIRE_MPI") == "1" and not _have_mpi():
     raise RuntimeError("TINYNORM_REQUIRE_MPI=1 but mpi4py or mpirun is missing "
                        "(pip install -e '.[mpi]')")
-needs_mpi = pytest.mark.skipif(not (_have_mpi() and HAVE_DATA),
+needs_mpi = pytest.mark.skipif(not (_have_mpi() and HAVE_FMNIST),
                                reason="needs mpi4py + mpirun (pip install -e '.[mpi]') "
                                       "and Fashion-MNIST")
 

@@ -1,7 +1,6 @@
 """Training on real Fashion-MNIST: learning, resume, divergence, logs, CLI."""
 import os
 import signal
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,9 +9,9 @@ import pytest
 from tinynorm.cli import main as cli_main
 from tinynorm.train import Trainer, make_config, read_log
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("TINYNORM_DATA"),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+from data_markers import needs_fmnist
+
+pytestmark = needs_fmnist
 
 SMALL = dict(model="cifar10_nv", norm="bn", dataset="fashion-mnist", width=1 / 16,
              train_limit=1024, test_limit=500, batch_size=64, lr=0.05, schedule="linear",
