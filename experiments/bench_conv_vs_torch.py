@@ -99,20 +99,22 @@ def main():
 
 
 def _shapes(args):
-    """(label, count, x shape, w shape, stride, pad) of the selected shapes."""
+    """(label, count, x shape, w shape, stride, pad, stem) of the selected
+    shapes; ``stem``: the model's first convolution (recorded first), whose
+    input gradient a step does not need."""
     shapes = (model_convs("resnet50", args.width, 32) if args.model == "resnet50"
               else model_convs("cifar10_nv", args.width, 28, args.in_channels))
-    for (ci, co, k, s, pad, h), count in shapes.items():
+    for i, ((ci, co, k, s, pad, h), count) in enumerate(shapes.items()):
         label = f"{ci}->{co} {k}x{k}/{s} @{h}"
         if not args.only or args.only in label:
-            yield label, count, (args.batch, ci, h, h), (co, ci, k, k), s, pad
+            yield label, count, (args.batch, ci, h, h), (co, ci, k, k), s, pad, i == 0
 
 
 def run(args):
     from threadpoolctl import threadpool_limits
     threadpool_limits(args.threads)
     print(f"tinynorm plans (batch {args.batch}, width {args.width}, {args.threads} threads):")
-    for label, count, x_shape, w_shape, s, pad in _shapes(args):
+    for label, count, x_shape, w_shape, s, pad, _ in _shapes(args):
         print(f"  {label:<24} x{count:<2} {ops.conv_plan(x_shape, w_shape, s, pad)}")
     if args.plans:
         return 0
@@ -133,11 +135,10 @@ def run(args):
           f"best of {args.repeat}")
     rng = np.random.default_rng(0)
     rows = []
-    for label, count, x_shape, w_shape, s, pad in _shapes(args):
+    for label, count, x_shape, w_shape, s, pad, first in _shapes(args):
         ci, k = x_shape[1], w_shape[2]
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = (rng.standard_normal(w_shape) / np.sqrt(ci * k * k)).astype(np.float32)
-        first = ci == (3 if args.model == "resnet50" else args.in_channels)   # the stem
         y, cache = ops.conv2d_forward(x, w, None, s, pad)
         dy = rng.standard_normal(y.shape).astype(np.float32)
 

@@ -12,7 +12,6 @@ from tinynorm.train import Trainer, read_log, upgrade_config
 from data_markers import needs_fmnist
 
 
-
 def coherence_by_loops(w):
     rows = w.reshape(w.shape[0], -1).astype(np.float64)
     best = -1.0

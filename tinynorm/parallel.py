@@ -68,12 +68,12 @@ def _announced(names, default):
 
 
 def launched_size() -> int:
-    """The number of ranks an MPI launcher announced in the environment (1 if none)."""
+    """The number of ranks a launcher (mpirun, srun) announced in the environment (1 if none)."""
     return _announced(_SIZE_VARS, 1)
 
 
 def launched_rank() -> int:
-    """This process's rank as the MPI launcher announced it (0 if none)."""
+    """This process's rank as the launcher announced it (0 if none)."""
     return _announced(_RANK_VARS, 0)
 
 
