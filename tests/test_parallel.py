@@ -298,7 +298,10 @@ def test_ctrl_c_to_mpirun_stops_every_rank_with_one_checkpoint(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert "rank 0: interrupted SIGINT" in out and "rank 1: interrupted SIGINT" in out, out
     log = read_log(tmp_path / "run")
-    assert log["status"] == "interrupted" and log["interrupted_reason"] == "SIGINT"
+    # mpirun forwards the signal to both ranks; when rank 1's handler runs
+    # first, the step's reduction tells rank 0 of it before its own does
+    assert log["status"] == "interrupted"
+    assert log["interrupted_reason"] in ("SIGINT", "SIGINT on rank 1")
     # the checkpoint is the stop's: its position is the log's last iteration
     import h5py
     with h5py.File(tmp_path / "run" / "checkpoint.h5", "r") as f:

@@ -245,3 +245,52 @@ def test_every_serial_twin_is_compiled_from_its_own_function():
     assert len(twins) == 12
     for twin in twins:
         assert twin.py_func.__qualname__.endswith("_kernel_serial")
+
+
+class _Lib:
+    def __init__(self, filepath):
+        self.filepath = filepath
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_numpy_first_picks_numpys_openblas_whatever_the_order(order):
+    """SciPy's wheels bring a second OpenBLAS (loaded by numba's import), and
+    threadpoolctl lists the two in an order that changes with the process's
+    hash seed; the one under NumPy's installation must come first."""
+    numpy_dir = "/env/site-packages/numpy"
+    libs = [_Lib("/env/site-packages/scipy.libs/libscipy_openblas-1.so"),
+            _Lib("/env/site-packages/numpy.libs/libscipy_openblas64_-2.so")]
+    libs = libs[order:] + libs[:order]
+    first = _gemm.numpy_first(libs, numpy_dir)[0]
+    assert first.filepath.startswith("/env/site-packages/numpy.libs/")
+    # inside the package directory itself (macOS wheels: numpy/.dylibs)
+    libs = [_Lib("/usr/lib/libopenblas.so"), _Lib(numpy_dir + "/.dylibs/libopenblas.dylib")]
+    assert _gemm.numpy_first(libs, numpy_dir)[0] is libs[1]
+    # nothing under NumPy (a system BLAS): the order is kept
+    libs = [_Lib("/usr/lib/a.so"), _Lib("/usr/lib/b.so")]
+    assert _gemm.numpy_first(libs, numpy_dir) == libs
+    # a sibling whose name merely starts like numpy's is not NumPy's
+    libs = [_Lib("/env/site-packages/numpy_extra/libopenblas.so"), _Lib(numpy_dir + ".libs/x.so")]
+    assert _gemm.numpy_first(libs, numpy_dir)[0] is libs[1]
+
+
+def test_split_jobs_see_every_openblas_at_one_thread(monkeypatch, rng):
+    """Inside a split, every OpenBLAS of the process -- SciPy's too, when it is
+    loaded -- runs one thread: the two jobs are the parallelism, and a second
+    BLAS thread under each would oversubscribe the cores (3-5x slower steps in
+    the processes where NumPy's OpenBLAS was not the one set)."""
+    pytest.importorskip("scipy.linalg")          # loads SciPy's OpenBLAS, when it has one
+    from threadpoolctl import ThreadpoolController
+    monkeypatch.setitem(_gemm._state, "libs", None)   # re-read the libraries loaded now
+    seen = []
+
+    def job():
+        seen.append(sorted(lib.get_num_threads()
+                           for lib in ThreadpoolController().select(
+                               internal_api="openblas").lib_controllers))
+    with threadpool_limits(2, user_api="blas"):
+        _gemm.run_threads([job, job])
+        after = [lib.get_num_threads() for lib in
+                 ThreadpoolController().select(internal_api="openblas").lib_controllers]
+    assert seen and all(counts and set(counts) == {1} for counts in seen)
+    assert set(after) == {2}                     # and every one restored

@@ -23,14 +23,22 @@ Small products (fewer multiply-adds than the ``split_min_flops`` setting of
 job in a copy of the caller's context, so the caller's ``config.using`` scope
 holds inside the jobs.
 
-T is OpenBLAS's own thread count at the time of the call (so
+T is NumPy's OpenBLAS's own thread count at the time of the call (so
 ``threadpoolctl.threadpool_limits`` still governs it); small products, T = 1,
 non-NumPy arrays or a BLAS other than OpenBLAS go straight to ``numpy.matmul``.
 While a split call runs, OpenBLAS is set to one thread process-wide.
+
+A process can hold several OpenBLAS libraries: with SciPy's wheels beside
+NumPy's, numba's import loads SciPy's own copy.  threadpoolctl lists them in
+an order that changes from process to process, so the one NumPy calls is
+picked by its path (:func:`numpy_first`), and a thread setting is applied to
+every OpenBLAS, so that a wrong pick cannot leave NumPy's at two threads
+under two callers.
 """
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,24 +52,58 @@ __all__ = ["matmul", "matmul_nt_sum", "blas_threads", "threads_for", "run_thread
 # hand-off ~50 us) than it saves.
 
 _lock = threading.Lock()
-_state = {"lib": None, "checked": False, "pool": None, "pool_size": 0}
+_state = {"libs": None, "pool": None, "pool_size": 0}
 
 
-def _blas():
-    """threadpoolctl's controller of NumPy's OpenBLAS, or None."""
-    if not _state["checked"]:
-        _state["checked"] = True
+def numpy_first(controllers, numpy_dir=None):
+    """``controllers`` (threadpoolctl's, with ``.filepath``) reordered so that
+    the one inside NumPy's installation (its package directory, or the
+    ``numpy.libs`` / ``numpy/.dylibs`` of a wheel) comes first; the order is
+    otherwise kept."""
+    if numpy_dir is None:
+        numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
+    roots = (os.path.join(numpy_dir, ""), numpy_dir + ".libs" + os.sep)
+
+    def inside_numpy(c):
+        path = os.path.abspath(getattr(c, "filepath", "") or "")
+        return path.startswith(roots)
+    return sorted(controllers, key=lambda c: not inside_numpy(c))
+
+
+def _libs():
+    """threadpoolctl's controllers of every OpenBLAS loaded, NumPy's first;
+    [] when there is none (or threadpoolctl cannot inspect the process)."""
+    if _state["libs"] is None:
         try:
             from threadpoolctl import ThreadpoolController
             ctl = ThreadpoolController().select(internal_api="openblas")
-            _state["lib"] = ctl.lib_controllers[0] if ctl.lib_controllers else None
+            _state["libs"] = numpy_first(ctl.lib_controllers)
         except Exception:  # threadpoolctl missing or unable to inspect the process
-            _state["lib"] = None
-    return _state["lib"]
+            _state["libs"] = []
+    return _state["libs"]
+
+
+def _blas():
+    """The controller of NumPy's OpenBLAS, or None."""
+    libs = _libs()
+    return libs[0] if libs else None
+
+
+def _set_threads(n):
+    """Every OpenBLAS at ``n`` threads; returns what to hand :func:`_restore`."""
+    previous = [lib.get_num_threads() for lib in _libs()]
+    for lib in _libs():
+        lib.set_num_threads(n)
+    return previous
+
+
+def _restore(previous):
+    for lib, n in zip(_libs(), previous):
+        lib.set_num_threads(n)
 
 
 def blas_threads() -> int:
-    """OpenBLAS's current thread count (1 when it cannot be found)."""
+    """NumPy's OpenBLAS's current thread count (1 when it cannot be found)."""
     lib = _blas()
     if lib is None:
         return 1
@@ -85,10 +127,8 @@ def _bounds(total, parts):
 
 def _run_split(jobs, n_threads):
     """Run the callables ``jobs`` on ``n_threads`` threads with OpenBLAS at 1 thread."""
-    lib = _blas()
     with _lock:                       # one split call at a time (it owns the BLAS setting)
-        previous = lib.get_num_threads()
-        lib.set_num_threads(1)
+        previous = _set_threads(1)
         try:
             # each job in its own copy of this context (one Context cannot be
             # entered by two threads at once): the caller's settings hold there
@@ -97,7 +137,7 @@ def _run_split(jobs, n_threads):
             first = jobs[0]()         # the calling thread takes the first slice
             return [first] + [f.result() for f in futures]
         finally:
-            lib.set_num_threads(previous)
+            _restore(previous)
 
 
 def _single_threaded(fn):
@@ -106,18 +146,16 @@ def _single_threaded(fn):
     other core it costs a time slice (measured: a 2.6 M multiply-add GEMM of
     cifar10-nv conv8 at width 0.25, batch 16, 0.3 ms or 16 ms from run to run on
     two threads; 0.2 ms on one)."""
-    lib = _blas()
-    if lib is None or not _lock.acquire(blocking=False):
+    if _blas() is None or not _lock.acquire(blocking=False):
         return fn()               # no OpenBLAS, or a split owns the setting (1 thread)
     try:
-        previous = lib.get_num_threads()
-        if previous == 1:
+        if blas_threads() == 1:
             return fn()
-        lib.set_num_threads(1)
+        previous = _set_threads(1)
         try:
             return fn()
         finally:
-            lib.set_num_threads(previous)
+            _restore(previous)
     finally:
         _lock.release()
 
