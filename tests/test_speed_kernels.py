@@ -117,7 +117,7 @@ def test_conv_batch_chunks_match_reference(rng, chunk_bytes, shape, c_out, kerne
     the calling thread, and (pipeline) on two threads with the serial kernels."""
     settings = dict(conv_chunk_bytes=chunk_bytes)
     if pipeline:
-        settings["split_min_flops"] = 0
+        settings.update(conv_split_min_flops=0, split_min_flops=0)
         stack = threadpool_limits(2, user_api="blas")
     else:
         stack = threadpool_limits(None)
@@ -147,6 +147,22 @@ def _check_conv_against_reference(rng, shape, c_out, kernel, stride, pad, bias):
     dw, db = ops.conv2d_backward_filter(dy, cache)
     assert rel_error(dw, want[1]) < 1e-13
     return cache.plan
+
+
+def test_pipeline_threads_follow_conv_split_min_flops():
+    """By default (conv_threads None) a convolution's batch pipeline takes
+    OpenBLAS's threads from conv_split_min_flops multiply-adds up, and the
+    calling thread below; split_min_flops (the GEMM splits') does not move it."""
+    x_shape, w_shape = (32, 8, 28, 28), (8, 8, 3, 3)        # the smoke preset's conv2
+    macs = 32 * 28 * 28 * 8 * 8 * 9                         # 14.4 M
+    with threadpool_limits(2, user_api="blas"):
+        for limit, want in ((macs, 2), (macs + 1, 1)):
+            with config.using(conv_split_min_flops=limit, split_min_flops=1 << 40):
+                assert ops.conv_plan(x_shape, w_shape, 1, 1, np.float32).threads == want
+        with config.using(conv_split_min_flops=0, conv_threads=1):
+            assert ops.conv_plan(x_shape, w_shape, 1, 1, np.float32).threads == 1
+    with threadpool_limits(1, user_api="blas"), config.using(conv_split_min_flops=0):
+        assert ops.conv_plan(x_shape, w_shape, 1, 1, np.float32).threads == 1
 
 
 @pytest.mark.parametrize("n,cap_samples,threads", [(128, 10, 1), (128, 10, 2), (7, 100, 2),

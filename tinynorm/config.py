@@ -69,6 +69,7 @@ class Settings:
     winograd_chunk_bytes: int = 16 << 20
     winograd_chunk_tiles: int = 32
     conv_threads: Optional[int] = None
+    conv_split_min_flops: int = 1 << 22
     # -- threads of GEMMs and numba kernels -----------------------------------
     split_min_flops: int = 1 << 24
     parallel_kernels: Union[bool, str] = "auto"
@@ -133,6 +134,11 @@ SETTINGS = {
     "conv_threads": (lambda v: v is None or _is_int(1)(v), "None or an int >= 1",
                      "threads of the convolution batch pipeline; None: OpenBLAS's thread "
                      "count for large convolutions, 1 (the calling thread) for small ones"),
+    "conv_split_min_flops": (_is_int(0), "an int >= 0",
+                             "multiply-adds below which a CPU convolution's batch pipeline "
+                             "runs on the calling thread when conv_threads is None (a "
+                             "pipeline hands whole chunks to its threads, so it pays off "
+                             "on smaller work than a split GEMM)"),
     "split_min_flops": (_is_int(0), "an int >= 0",
                         "multiply-adds below which a GEMM runs on one BLAS thread, above "
                         "which it is split over single-threaded BLAS calls"),

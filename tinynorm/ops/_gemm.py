@@ -168,11 +168,14 @@ def run_threads(jobs):
     return _run_split(jobs, len(jobs))
 
 
-def threads_for(flops):
+def threads_for(flops, min_flops=None):
     """How many threads a split of this much work (multiply-adds) on NumPy
-    float arrays should use: OpenBLAS's thread count, or 1 for small work, no
-    OpenBLAS, or a call made while another split runs."""
-    if flops < config.current().split_min_flops:
+    float arrays should use: OpenBLAS's thread count, or 1 for work under
+    ``min_flops`` (default: the ``split_min_flops`` setting), no OpenBLAS, or
+    a call made while another split runs."""
+    if min_flops is None:
+        min_flops = config.current().split_min_flops
+    if flops < min_flops:
         return 1
     n = blas_threads()
     if n > 1 and _lock.locked():      # called from inside a split (or another thread's)

@@ -32,7 +32,7 @@ consecutive chunks whose workspaces stay under ``conv_chunk_bytes``
 chunks into ``threads`` contiguous groups, one per pipeline thread
 (:mod:`.pipeline`).  ``threads`` is the ``conv_threads`` setting, or by
 default OpenBLAS's thread count for a convolution of at least
-``split_min_flops`` multiply-adds and 1 below it; with one thread the chunks
+``conv_split_min_flops`` multiply-adds and 1 below it; with one thread the chunks
 run on the calling thread with the parallel kernels and split GEMMs.
 """
 from __future__ import annotations
@@ -301,7 +301,7 @@ def make_plan(x_shape, w_shape, stride, pad, out_hw, dtype, gpu):
     threads = settings.conv_threads
     if threads is None:
         flops = n * out_hw[0] * out_hw[1] * math.prod(w_shape)
-        threads = _gemm.threads_for(flops)
+        threads = _gemm.threads_for(flops, settings.conv_split_min_flops)
     if threads == 1 or n < threads:
         threads, n_chunks = 1, _chunk_count(n, per_sample, cap)
     else:
