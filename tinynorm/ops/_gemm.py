@@ -61,11 +61,12 @@ def numpy_first(controllers, numpy_dir=None):
     ``numpy.libs`` / ``numpy/.dylibs`` of a wheel) comes first; the order is
     otherwise kept."""
     if numpy_dir is None:
-        numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
+        numpy_dir = os.path.dirname(np.__file__)
+    numpy_dir = os.path.realpath(numpy_dir)
     roots = (os.path.join(numpy_dir, ""), numpy_dir + ".libs" + os.sep)
 
     def inside_numpy(c):
-        path = os.path.abspath(getattr(c, "filepath", "") or "")
+        path = os.path.realpath(getattr(c, "filepath", "") or "")
         return path.startswith(roots)
     return sorted(controllers, key=lambda c: not inside_numpy(c))
 
