@@ -65,7 +65,7 @@ class Settings:
     use_cudnn: bool = True
     allow_tf32: bool = False
     # -- convolution: chunks of the batch and pipeline threads ----------------
-    conv_chunk_bytes: int = 32 << 20
+    conv_chunk_bytes: int = 4 << 20
     winograd_chunk_bytes: int = 16 << 20
     winograd_chunk_tiles: int = 32
     conv_threads: Optional[int] = None
@@ -123,7 +123,7 @@ SETTINGS = {
                    "numerical note are deselected)"),
     "conv_chunk_bytes": (_is_int(1), "an int >= 1",
                          "bytes per batch chunk of the im2col / GEMM workspaces of a CPU "
-                         "convolution"),
+                         "convolution (a few MB: each thread's chunk stays in cache)"),
     "winograd_chunk_bytes": (_is_int(1), "an int >= 1",
                              "bytes per batch chunk of the Winograd transform buffers"),
     "winograd_chunk_tiles": (_is_int(0), "an int >= 0",

@@ -10,8 +10,8 @@ the output; the threads meet once per pass.  Against one multi-threaded
 kernel or GEMM per step, this saves the barriers (a few hundred per GEMM
 inside OpenBLAS, one per numba kernel), each of which costs a scheduler time
 slice when another process holds a core, and keeps the workspaces at one
-chunk per thread (T x 32 MB instead of 462 MB of col for cifar10-nv conv2 at
-batch 128).  A one-thread plan runs its chunks on the calling thread with the
+chunk per thread (T x ``conv_chunk_bytes`` instead of 462 MB of col for
+cifar10-nv conv2 at batch 128).  A one-thread plan runs its chunks on the calling thread with the
 parallel kernels and the split GEMMs of :mod:`tinynorm.ops._gemm`.  The
 weight gradient is summed per group, then over groups in order: the result
 does not depend on timing.
