@@ -29,7 +29,7 @@ non-NumPy arrays or a BLAS other than OpenBLAS go straight to ``numpy.matmul``.
 While a split call runs, OpenBLAS is set to one thread process-wide.
 
 A process can hold several OpenBLAS libraries: with SciPy's wheels beside
-NumPy's, numba's import loads SciPy's own copy.  threadpoolctl lists them in
+NumPy's, numba loads SciPy's own copy when its first kernel runs.  threadpoolctl lists them in
 an order that changes from process to process, so the one NumPy calls is
 picked by its path (:func:`numpy_first`), and a thread setting is applied to
 every OpenBLAS, so that a wrong pick cannot leave NumPy's at two threads
