@@ -91,16 +91,20 @@ def _blas():
 
 
 def _set_threads(n):
-    """Every OpenBLAS at ``n`` threads; returns what to hand :func:`_restore`."""
-    previous = [lib.get_num_threads() for lib in _libs()]
+    """Every OpenBLAS at ``n`` threads; returns the (library, previous count)
+    pairs it changed, for :func:`_restore`."""
+    changed = []
     for lib in _libs():
-        lib.set_num_threads(n)
-    return previous
+        previous = lib.get_num_threads()
+        if previous != n:
+            lib.set_num_threads(n)
+            changed.append((lib, previous))
+    return changed
 
 
-def _restore(previous):
-    for lib, n in zip(_libs(), previous):
-        lib.set_num_threads(n)
+def _restore(changed):
+    for lib, previous in changed:
+        lib.set_num_threads(previous)
 
 
 def blas_threads() -> int:
@@ -150,13 +154,11 @@ def _single_threaded(fn):
     if _blas() is None or not _lock.acquire(blocking=False):
         return fn()               # no OpenBLAS, or a split owns the setting (1 thread)
     try:
-        if blas_threads() == 1:
-            return fn()
-        previous = _set_threads(1)
+        changed = _set_threads(1)
         try:
             return fn()
         finally:
-            _restore(previous)
+            _restore(changed)
     finally:
         _lock.release()
 
