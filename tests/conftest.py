@@ -1,4 +1,5 @@
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -18,6 +19,28 @@ def pytest_runtest_setup(item):
     if REQUIRE_GPU:
         pytest.fail(f"TINYNORM_REQUIRE_GPU=1 but no GPU is usable: {why}", pytrace=False)
     pytest.skip(f"no GPU: {why}")
+
+
+@pytest.fixture(autouse=True)
+def sigint_as_at_a_terminal():
+    """Every test starts with Python's own SIGINT handler (KeyboardInterrupt).
+
+    A shell without job control starts a background command (``pytest &`` in a
+    script, CI runners, some IDEs) with SIGINT ignored, and Python keeps an
+    ignored SIGINT ignored -- as tinynorm's trainer does, on purpose (an ignored
+    signal stays ignored).  The tests that send SIGINT to their own process to
+    act out a Ctrl-C then saw no stop at all ("completed" where "interrupted"
+    was expected), whatever the machine's speed or load.  The suite's outcome
+    must not depend on how it was launched: each test gets the disposition of
+    a foreground terminal, and the inherited one is restored after it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 @pytest.fixture

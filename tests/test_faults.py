@@ -321,6 +321,24 @@ def test_row4_an_ignored_sighup_stays_ignored(tmp_path, reference):
 
 
 @needs_fmnist
+def test_row4_an_ignored_sigint_stays_ignored_and_sigterm_still_stops(tmp_path, reference):
+    # a background job of a shell without job control starts with SIGINT ignored:
+    # the run keeps it so (a terminal's Ctrl-C is not meant for it); SIGTERM stops it
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = Trainer(dict(NV, out=str(tmp_path / "run")))
+        interrupt_at(run, 2, signal.SIGINT)
+        assert run.run() == "completed"
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        stopped = Trainer(dict(NV, out=str(tmp_path / "stopped")))
+        interrupt_at(stopped, 2, signal.SIGTERM)
+        assert stopped.run() == "interrupted" and stopped.opt.iteration == 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert_same_run(reference, run)
+
+
+@needs_fmnist
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_row4_a_signal_during_start_up_is_one_line(tmp_path, capsys, monkeypatch, signum):
     def loading(*args, **kwargs):

@@ -48,6 +48,27 @@ def test_gradient_of_wrong_shape_is_reported():
                   np.array(1.0))
 
 
+def test_a_list_where_an_array_belongs_is_one_line():
+    def list_backward(dy, cache):
+        dx, da = square_backward(dy, cache)
+        return dx.tolist(), da
+    with pytest.raises(GradcheckError, match=r"^gradient of 'x' is a list, not an array; return "
+                                             r"a NumPy or CuPy array of the argument's shape "
+                                             r"\(3, 4\)$"):
+        gradcheck(square_forward, list_backward, np.ones((3, 4)), np.array(1.0),
+                  names=["x", "a"])
+    layer = Linear(4, 3, rng=np.random.default_rng(0), dtype=np.float64)
+    backward = layer.backward
+
+    def backward_leaving_a_list(dy):
+        dx = backward(dy)
+        layer.grads["w"] = layer.grads["w"].tolist()
+        return dx
+    layer.backward = backward_leaving_a_list
+    with pytest.raises(GradcheckError, match=r"gradient of 'w' is a list, not an array"):
+        gradcheck_layer(layer, np.ones((2, 4)))
+
+
 def test_gradcheck_layer_walks_nested_parameters():
     rng = np.random.default_rng(7)
     model = Sequential(Linear(4, 5, rng=rng, dtype=np.float64), ReLU(),

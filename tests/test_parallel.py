@@ -231,10 +231,19 @@ def test_two_ranks_float32_differ_only_by_round_off(tmp_path):
     for r in (two, one, exact):
         assert r.returncode == 0, r.stdout + r.stderr
     a, b, c = (read_log(tmp_path / d)["iter"]["loss"] for d in ("two", "one", "f64"))
-    # the first step differs only in how the loss mean is summed
+    # What holds on every CPU.  The first loss differs only in how its mean is
+    # summed; the second is the first to see a float32 reduction of the ranks'
+    # gradients, which differs from one process's sum in summation order alone:
+    # a few float32 ulps of the gradient, moved through one update (measured
+    # 5e-8 relative on a Zen 3).  A wrong reduction (a missing rank, a sum
+    # where a mean belongs, a lost bucket) is off by far more at that step.
+    # Later steps are not compared: float32 trajectories of a chaotic process
+    # part ways at a rate that depends on the CPU's summation order (one Zen 4
+    # reached 4.5e-3 by step 20); that the two-rank algorithm is the
+    # one-process one is shown in float64, to 1e-10, by the test above.
     assert abs(a[0] - b[0]) <= 1e-6 * abs(c[0])
-    # a changed summation order moves float32 no farther than float32 round-off itself does
-    assert np.max(np.abs(a - b)) <= 2 * np.max(np.abs(b - c))
+    assert abs(a[1] - b[1]) <= 1e-5 * abs(c[1])
+    assert np.all(np.isfinite(a)) and len(a) == len(b) == 20
 
 
 @needs_mpi

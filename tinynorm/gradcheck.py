@@ -116,6 +116,11 @@ def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, atol, max_el
 
     ``arr`` is perturbed in place and restored; ``eval_output()`` recomputes y.
     """
+    if not hasattr(analytic, "shape"):
+        # e.g. a list where an array belongs: name it instead of an AttributeError
+        raise GradcheckError(f"{op + ': ' if op else ''}gradient of '{name}' is a "
+                             f"{type(analytic).__name__}, not an array; return a NumPy or CuPy "
+                             f"array of the argument's shape {tuple(arr.shape)}")
     xp = get_array_module(arr)
     if tuple(analytic.shape) != tuple(arr.shape):
         raise GradcheckError(f"{op + ': ' if op else ''}gradient of '{name}' has shape "
@@ -256,7 +261,9 @@ def gradcheck_layer(layer, x, *, eps=1e-6, rtol=1e-6, atol=0.0, max_elementwise=
     xp = get_array_module(y)
     r = xp.asarray(rng.standard_normal(y.shape))
     dx = layer.backward(r)
-    analytic = {name: owner.grads[key].copy() for name, owner, key in owners}
+    # a non-array gradient is named by _check_array (no .copy() to fail on here)
+    analytic = {name: owner.grads[key].copy() if hasattr(owner.grads[key], "shape")
+                else owner.grads[key] for name, owner, key in owners}
 
     def eval_output():
         return layer.forward(x)

@@ -55,6 +55,7 @@ from .backend import to_numpy
 from .diagnostics import SignalRecorder, weight_coherences
 from .models import build_model
 from .optim import SGD, LRSchedule
+from .progress import EpochProgress
 
 __all__ = ["DEFAULTS", "Trainer", "read_log", "evaluate", "make_config"]
 
@@ -726,9 +727,8 @@ class Trainer:
             t0, n_images = time.perf_counter(), 0
             batches = self.data.train_batches(epoch, self.batch, cfg["device"])
             if cfg["progress"] and self.is_writer:
-                from tqdm import tqdm
-                bar = tqdm(total=n_batches, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                           unit="it", leave=False, dynamic_ncols=True)
+                # a bar on a terminal, a plain line a minute elsewhere (CI, nohup, files)
+                bar = EpochProgress(n_batches, self.batch, f"epoch {epoch + 1}/{cfg['epochs']}")
             while self.batch < n_batches:
                 if self._stop:
                     self.status, self.interrupted_reason = "interrupted", self._stop_reason
@@ -776,9 +776,8 @@ class Trainer:
                 n_images += len(y) * ranks
                 if bar is not None:
                     dt = time.perf_counter() - t0
-                    bar.set_postfix_str(f"loss {loss:.4f} acc {acc:5.1f}% lr {lr:.2e} "
-                                        f"{n_images / max(dt, 1e-9):.0f} img/s")
-                    bar.update(1)
+                    bar.update(f"loss {loss:.4f} acc {acc:5.1f}% lr {lr:.2e} "
+                               f"{n_images / max(dt, 1e-9):.0f} img/s")
             batches.close()                   # on the GPU: stops the prefetching worker
             if bar is not None:
                 bar.close()

@@ -526,8 +526,9 @@ def prepare_imagenet(src, out, *, size=256, shard_size=5000, val_labels=None, sy
 
     from tqdm import tqdm
     total = sum(len(p[2]) for p in plan)
+    # disable=None: no bar where stderr is not a terminal (a log file, CI)
     bar = tqdm(total=total, initial=total - sum(len(p[2]) for p in todo), unit="img",
-               desc="prepare_imagenet", disable=not progress)
+               desc="prepare_imagenet", disable=None if progress else True)
     pool = None
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor

@@ -38,7 +38,7 @@ The package, one module per algorithm:
   documented graph API); without it CuPy arrays take ``generic`` and the
   first such convolution warns once, naming the reason;
 * :mod:`.generic`   -- ``generic``: array-generic im2col + matmul (the GPU
-  fallback, float16, ``use_numba`` off);
+  fallback, ``use_numba`` off);
 * :mod:`.reference` -- the slow direct convolution the tests hold every plan to.
 
 Every numba kernel runs through ``_geometry.launch``, which decides between

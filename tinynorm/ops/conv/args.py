@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ... import backend
 from .._checks import check_bias_and_backend
-from .plan import geometry
+from .plan import check_dtype, geometry
 
 __all__ = ["check_args", "check_dy"]
 
@@ -23,6 +23,7 @@ def check_args(x, w, b, stride, pad, op=OP):
                          f"{tuple(w.shape)}")
     if x.dtype.kind != "f":
         raise ValueError(f"{op}: x must be a floating-point array; got dtype {x.dtype}")
+    check_dtype(x.dtype, op)
     if w.dtype != x.dtype:
         raise ValueError(f"{op}: dtype mismatch: x is {x.dtype} but w is {w.dtype}")
     kernel, stride, pad, out_hw = geometry(x.shape, w.shape, stride, pad, op)
