@@ -135,6 +135,10 @@ TRAIN_FLAGS = {
     "--track-signal-every": ("track_signal_every", int,
                              "record unit output RMS/mean and weight coherence every k iterations"),
     "--eval-every": ("eval_every", int, "evaluate every k epochs"),
+    "--clean-eval-size": ("clean_eval_size", int,
+                          "evaluate also on this many fixed training images, eval mode, no "
+                          "augmentation (train_top1_clean; 0: off; default 10000)"),
+    "--dropout": ("dropout", float, "resnet50: dropout p before the classifier (default 0)"),
     "--dtype": ("dtype", str, "float32 (default) | float64"),
     "--rank-timeout": ("rank_timeout", float,
                        "under mpirun: abort all ranks when one is silent this many seconds"),
@@ -207,6 +211,13 @@ def _cmd_eval(args) -> int:
     loss, top1, top5 = evaluate(trainer.model, trainer.data.test_batches(cfg["eval_batch_size"]))
     print(f"{ckpt}: test loss {loss:.4f}  top-1 {top1:.2f}%  top-5 {top5:.2f}% "
           f"({len(trainer.data.test)} images)")
+    clean = trainer.data.clean_train_batches(cfg["eval_batch_size"])
+    if clean is not None:
+        # eval mode, no augmentation: what a generalization gap is read from
+        c_loss, c_top1, _ = evaluate(trainer.model, clean)
+        print(f"{ckpt}: clean training loss {c_loss:.4f}  top-1 {c_top1:.2f}% "
+              f"({len(trainer.data.train_clean)} training images, eval mode, no augmentation; "
+              f"gap {c_top1 - top1:+.2f} points)")
     return 0
 
 

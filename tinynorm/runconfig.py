@@ -174,12 +174,14 @@ SPECS = {
     "min_std": (real(gt=0), FIXED),
     "flip": (boolean, FIXED),
     "ddi": (boolean, FIXED),
+    "dropout": (real(ge=0, lt=1), FIXED),
     "dtype": (choice(("float32", "float64")), FIXED),
     "rank_timeout": (real(gt=0), ALLOWED),        # how long to wait, not what is computed
     "diverge_loss": (real(gt=0), FIXED),
     "track_norms_every": (integer(0), ALLOWED),   # 0: off
     "track_signal_every": (integer(0), ALLOWED),  # 0: off
     "eval_every": (integer(1), ALLOWED),
+    "clean_eval_size": (integer(0), ALLOWED),     # what is evaluated, not what is trained
     "eval_batch_size": (integer(1), ALLOWED),
     "out": (text(), ALLOWED),                     # a moved run directory
     "progress": (boolean, ALLOWED),
@@ -201,6 +203,9 @@ def validate(cfg: dict) -> dict:
     for key, value in cfg.items():
         if key in SPECS:
             out[key] = SPECS[key][0](key, value)
+    if out.get("dropout") and out.get("model") != "resnet50":
+        raise ConfigError(f"configuration key 'dropout' applies to resnet50 (before its "
+                          f"classifier); model {out.get('model')!r} has no dropout")
     return out
 
 

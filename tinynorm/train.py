@@ -92,12 +92,14 @@ DEFAULTS = dict(
     min_std=1.0,             # floor of the per-pixel std (grey levels) in the normalizer
     flip=True,
     ddi=False,               # WN data-dependent init on the first batch
+    dropout=0.0,             # resnet50: dropout with this p before the classifier (0: none)
     dtype="float32",         # float32 | float64 (parameters, activations, gradients)
     rank_timeout=600.0,      # data-parallel runs: abort all ranks when one is silent this long (s)
     diverge_loss=100.0,
     track_norms_every=0,     # record ||output|| of the first and last layers every k iterations
     track_signal_every=0,    # record every unit's output RMS/mean and every layer's coherence
     eval_every=1,            # evaluate on the test set every k epochs (and at the end)
+    clean_eval_size=10000,   # and on this many fixed training images, eval mode, unaugmented (0: off)
     eval_batch_size=500,
     out="runs/default",
     progress=True,
@@ -185,11 +187,21 @@ class _Data:
         self._order = (None, None)
         self.dtype = np.dtype(cfg["dtype"])
         self.rank, self.ranks = part
-        self.test_shard = self.test
+        # the clean training evaluation's images: the whole training subset when it
+        # holds at most clean_eval_size, else a fixed seeded subset of that size
+        n_clean = cfg["clean_eval_size"]
+        self.train_clean = None
+        if n_clean:
+            self.train_clean = self.train if len(self.train) <= n_clean else \
+                datasets.subset(self.train, n_clean, cfg["seed"])
+        self.test_shard, self.clean_shard = self.test, self.train_clean
         if self.ranks > 1:
-            shard = np.array_split(np.arange(len(self.test)), self.ranks)[self.rank]
-            self.test_shard = datasets.SubsetSplit(self.test, shard,
-                                                   f"{self.test.name}[rank {self.rank}]")
+            def shard_of(split):
+                rows = np.array_split(np.arange(len(split)), self.ranks)[self.rank]
+                return datasets.SubsetSplit(split, rows, f"{split.name}[rank {self.rank}]")
+            self.test_shard = shard_of(self.test)
+            if self.train_clean is not None:
+                self.clean_shard = shard_of(self.train_clean)
 
     def train_batch(self, epoch, b, whole=False):
         """Batch ``b`` of ``epoch``: this rank's chunk of it (all of it when ``whole``)."""
@@ -233,12 +245,21 @@ class _Data:
         finally:
             host.close()                           # stops the worker on an early break
 
-    def test_batches(self, batch_size):
-        """This rank's shard of the test set, in batches."""
+    def test_batches(self, batch_size, split=None):
+        """This rank's shard of the test set (or of ``split``), in batches, with the
+        test-time transform (no augmentation)."""
         from .datasets import BatchIterator
-        batches = BatchIterator(self.test_shard, batch_size, self.transform_test, shuffle=False,
+        split = self.test_shard if split is None else split
+        batches = BatchIterator(split, batch_size, self.transform_test, shuffle=False,
                                 drop_last=False, prefetch=False).epoch(0)
         return ((x.astype(self.dtype, copy=False), y) for x, y in batches)
+
+    def clean_train_batches(self, batch_size):
+        """This rank's shard of the clean-evaluation training images, transformed as
+        test images are; None when ``clean_eval_size`` is 0."""
+        if self.clean_shard is None:
+            return None
+        return self.test_batches(batch_size, self.clean_shard)
 
     def normalizer_arrays(self):
         if self.normalizer is None:
@@ -320,8 +341,12 @@ def read_log(path) -> dict:
 # --------------------------------------------------------------------------- trainer
 
 SERIES = {"iter": ("iteration", "epoch", "loss", "lr", "train_acc"),
+          # train_loss/train_acc: means over the epoch's augmented batches in train
+          # mode; *_clean: eval mode, no augmentation, a fixed set of training images
+          # (the generalization gap is train_top1_clean - test_top1)
           "epoch": ("epoch", "iteration", "train_loss", "train_acc", "test_loss",
-                    "test_top1", "test_top5", "seconds", "images_per_s"),
+                    "test_top1", "test_top5", "seconds", "images_per_s",
+                    "train_loss_clean", "train_top1_clean"),
           "norms": ("iteration", "first", "last"),
           # rows of (units,): RMS and mean of every conv unit's / block's output
           "signal": ("iteration", "rms", "mean"),
@@ -385,6 +410,8 @@ class Trainer:
         if cfg["model"] == "deep_linear":
             x0, _ = self.data.train_batch(0, 0)
             extra["in_features"] = int(np.prod(x0.shape[1:]))
+        if cfg["dropout"]:
+            extra["dropout"] = cfg["dropout"]
         self.model = build_model(cfg["model"], cfg["norm"], in_channels=self.data.in_channels,
                                  num_classes=self.data.num_classes, width=cfg["width"],
                                  seed=cfg["seed"], stem=cfg["stem"], opts=unit_options(cfg),
@@ -551,6 +578,11 @@ class Trainer:
         for name, series in self.log.items():
             for key in series:
                 series[key] = list(arrays.get(f"log/{name}/{key}", []))
+            # a series this version adds (e.g. the clean training evaluation) is NaN
+            # for the rows a checkpoint of an earlier version holds
+            rows = max(len(v) for v in series.values())
+            for values in series.values():
+                values.extend([math.nan] * (rows - len(values)))
             group_attrs = ck["attrs"].get(f"log/{name}", {})
             if name in self.series_names and "names" in group_attrs:
                 self.series_names[name] = json.loads(group_attrs["names"])
@@ -631,16 +663,21 @@ class Trainer:
         mask = [e == epoch for e in it["epoch"]]
         losses = [l for l, m in zip(it["loss"], mask) if m]
         accs = [a for a, m in zip(it["train_acc"], mask) if m]
+        clean = (math.nan,) * 3
         if (epoch + 1) % self.cfg["eval_every"] == 0 or force_eval:
             test = evaluate(self.model, self.data.test_batches(self.cfg["eval_batch_size"]),
                             self.comm)
+            batches = self.data.clean_train_batches(self.cfg["eval_batch_size"])
+            if batches is not None:
+                clean = evaluate(self.model, batches, self.comm)
         else:
             test = (math.nan,) * 3
         row = dict(epoch=epoch, iteration=self.opt.iteration,
                    train_loss=float(np.mean(losses)) if losses else math.nan,
                    train_acc=float(np.mean(accs)) if accs else math.nan,
                    test_loss=test[0], test_top1=test[1], test_top5=test[2],
-                   seconds=seconds, images_per_s=n_images / max(seconds, 1e-9))
+                   seconds=seconds, images_per_s=n_images / max(seconds, 1e-9),
+                   train_loss_clean=clean[0], train_top1_clean=clean[1])
         for k, v in row.items():
             self.log["epoch"][k].append(v)
         return row
@@ -799,8 +836,10 @@ class Trainer:
             if not (self._persist(self.save_checkpoint) and self._persist(self.write_log)):
                 return
             if cfg["progress"] and self.is_writer:
+                clean = (f"clean train top1 {row['train_top1_clean']:.2f}%  "
+                         if math.isfinite(row["train_top1_clean"]) else "")
                 print(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {row['train_loss']:.4f} "
-                      f"acc {row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
+                      f"acc {row['train_acc']:.2f}%  {clean}test loss {row['test_loss']:.4f} "
                       f"top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}%  "
                       f"{row['images_per_s']:.0f} img/s", flush=True)
             if self.status == "completed":

@@ -26,7 +26,8 @@ def build_model(name, norm, *, in_channels, num_classes, width=1.0, seed=0, dtyp
                           bn_chunk=kw.get("bn_chunk"), opts=opts)
     if name == "resnet50":
         return resnet50(norm, num_classes, kw.get("stem", "cifar"), width,
-                        kw.get("bn_chunk"), in_channels, seed=seed, dtype=dtype, opts=opts)
+                        kw.get("bn_chunk"), in_channels, seed=seed, dtype=dtype, opts=opts,
+                        dropout=kw.get("dropout", 0.0))
     if name == "deep_linear":
         return deep_linear(kw.get("depth", 50), kw.get("linear_width", 64),
                            kw["in_features"], num_classes, norm, seed=seed, dtype=dtype,

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..nn import GlobalAvgPool2d, MaxPool2d, Sequential
+from ..nn import Dropout, GlobalAvgPool2d, MaxPool2d, Sequential
 from ..norms import UnitOptions, conv_unit, get_norm
 from .blocks import Bottleneck
 
@@ -31,7 +31,7 @@ STAGES_50 = (3, 4, 6, 3)
 
 
 def resnet(norm="bn", depths=STAGES_50, num_classes=1000, stem="imagenet", width=1.0,
-           in_channels=3, bn_chunk=None, *, seed=0, dtype=np.float32, opts=None):
+           in_channels=3, bn_chunk=None, *, seed=0, dtype=np.float32, opts=None, dropout=0.0):
     entry = get_norm(norm)
     if stem not in ("imagenet", "cifar"):
         raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
@@ -58,19 +58,26 @@ def resnet(norm="bn", depths=STAGES_50, num_classes=1000, stem="imagenet", width
             layers.append(Bottleneck(norm, c_in, ch(mid), c_out, stride, **unit))
             names.append(f"layer{s}.{b}")
             c_in = c_out
+    last_block = names[-1]
     layers.append(GlobalAvgPool2d())
     names.append("pool")
+    if dropout:
+        # where the paper is silent: on the pooled features, before the classifier
+        # (Srivastava et al.'s fully connected placement); its masks seeded by `seed`
+        layers.append(Dropout(dropout, seed=seed))
+        names.append("dropout")
     layers.append(entry.head(c_in, num_classes, rng=rng, dtype=dtype, opts=opts))
     names.append("fc")
     model = Sequential(*layers, names=names)
     # Figure 4: the outputs of the first layer (stem) and the last residual block
-    model.probe_layers = {"first": "stem", "last": names[-3]}
+    model.probe_layers = {"first": "stem", "last": last_block}
     return model
 
 
 def resnet50(norm="bn", num_classes=1000, stem="imagenet", width=1.0, bn_chunk=None,
-             in_channels=3, *, seed=0, dtype=np.float32, opts=None):
+             in_channels=3, *, seed=0, dtype=np.float32, opts=None, dropout=0.0):
     """ResNet-50; ``bn_chunk`` computes BN statistics per chunk of that many
-    samples (64 in the paper's 4-GPU run); ``opts`` as in :func:`resnet`."""
+    samples (64 in the paper's 4-GPU run); ``opts`` as in :func:`resnet`;
+    ``dropout``: p of a dropout layer before the classifier (0: none)."""
     return resnet(norm, STAGES_50, num_classes, stem, width, in_channels, bn_chunk,
-                  seed=seed, dtype=dtype, opts=opts)
+                  seed=seed, dtype=dtype, opts=opts, dropout=dropout)
