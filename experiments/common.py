@@ -16,6 +16,11 @@ Finished logs are copied to ``plots/logs/<experiment>/<variant>.h5`` for the
 to ``runs/<preset>/<experiment>/logs/`` otherwise.  Re-running a script resumes
 unfinished runs and skips finished ones.
 
+Seeds: a variant that runs with several seeds is one run per seed, named
+``<variant>_s<seed>`` (:func:`seeded`); ``--seeds 0,1,2`` sets the seeds of an
+experiment's multi-seed (headline) variants, which the figures and tables show
+as every seed's value and the mean with a 95% t-interval.
+
 Under ``mpirun -np K`` every variant is one data-parallel run over the K ranks
 (tinynorm.parallel); rank 0 decides what to resume, copies the logs and draws
 the figures (:func:`is_writer`).
@@ -48,6 +53,9 @@ def parse_args(description, extra=None):
     p.add_argument("--data-root", default=None, help="data set directory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from the logs")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="comma-separated seeds of the multi-seed variants, e.g. 0,1,2 "
+                        "(default: the preset's)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=None,
                    help="where to train (default: gpu for the paper preset when one is "
                         "usable, else cpu)")
@@ -56,6 +64,29 @@ def parse_args(description, extra=None):
     args = p.parse_args()
     args.device = resolve_device(args.preset, args.device)
     return args
+
+
+def _seed_list(text):
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: a comma-separated list of integers, "
+                                         f"got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def seeded(variants, seeds):
+    """One run per (variant, seed): ``{f"{name}_s{seed}": dict(cfg, seed=seed)}``.
+
+    ``seeds`` is a tuple for every variant, or a dict ``{name: tuple}`` (a name
+    missing from it runs with seed 0 alone)."""
+    out = {}
+    for name, cfg in variants.items():
+        for seed in (seeds.get(name, (0,)) if isinstance(seeds, dict) else seeds):
+            out[f"{name}_s{seed}"] = dict(cfg, seed=seed)
+    return out
 
 
 def resolve_device(preset, device=None):

@@ -361,3 +361,161 @@ def plot_coherence(logs: dict, out, title="", max_iters=None):
             ax.legend(fontsize=7)
     fig.suptitle(title)
     _save(fig, out)
+
+
+# -- experiments with seeds (runs named <variant>_s<seed>) ----------------------------
+
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def split_seed(name):
+    """("bn", 2) for "bn_s2"; (name, None) for a name without a seed suffix."""
+    m = re.match(r"^(.*)_s(\d+)$", name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
+
+
+def group_seeds(logs: dict) -> dict:
+    """{variant: {seed: path}}, variants in the order they first appear."""
+    groups = {}
+    for name, path in logs.items():
+        variant, seed = split_seed(name)
+        groups.setdefault(variant, {})[seed] = path
+    return groups
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95% t-interval; nan for a single value)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if len(v) == 0:
+        return np.nan, np.nan
+    if len(v) == 1:
+        return float(v[0]), np.nan
+    t = _T95[min(len(v) - 1, len(_T95)) - 1]
+    return float(v.mean()), float(t * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def _variant_label(variant):
+    norm = variant.split("_")[0]
+    rest = variant[len(norm):].lstrip("_")
+    return label_of(norm) + (f" ({rest})" if rest else "")
+
+
+def _variant_color(variant, i):
+    cmap = plt.get_cmap("tab10")
+    if variant in ("wn_dropout", "wn_wd5e-4"):
+        return {"wn_dropout": "tab:olive", "wn_wd5e-4": "tab:cyan"}[variant]
+    return color_of(variant.split("_")[0]) or cmap(i % 10)
+
+
+def final_row(log):
+    """The last evaluated epoch's numbers of one run."""
+    ep = log["epoch"]
+    top1 = np.asarray(ep.get("test_top1", []), float)
+    ok = np.flatnonzero(np.isfinite(top1))
+    if not len(ok):
+        return dict(test=np.nan, clean=np.nan, gap=np.nan)
+    i = ok[-1]
+    clean = np.asarray(ep.get("train_top1_clean", [np.nan] * len(top1)), float)[i]
+    return dict(test=float(top1[i]), clean=float(clean), gap=float(clean - top1[i]))
+
+
+def seed_table(logs: dict, pairs=()) -> str:
+    """A Markdown table per variant: every seed's final test top-1, clean
+    training top-1 and gap (clean - test), mean ± 95% t-interval; then, for each
+    (a, b) in ``pairs``, the per-seed paired differences a - b."""
+    groups = group_seeds(logs)
+    lines = ["| variant | seeds | status | test top-1 (each seed) | test mean ± 95% | clean train "
+             "top-1 (each seed) | gap clean-test mean ± 95% |", "|---|---|---|---|---|---|---|"]
+    finals = {}
+    for variant, runs in groups.items():
+        rows, statuses = {}, []
+        for seed, path in sorted(runs.items(), key=lambda kv: (kv[0] is None, kv[0])):
+            log = read_log(path)
+            statuses.append(log["status"] + (f" @{log['diverged_at']}"
+                                             if log["status"] == "diverged" else ""))
+            rows[seed] = final_row(log)
+        finals[variant] = rows
+        f = lambda v: "--" if not np.isfinite(v) else f"{v:.2f}"  # noqa: E731
+        pm = lambda m, h: f(m) + ("" if not np.isfinite(h) else f" ± {h:.2f}")  # noqa: E731
+        tests = [r["test"] for r in rows.values()]
+        lines.append(f"| {variant} | {', '.join(str(s) for s in rows)} | "
+                     f"{', '.join(sorted(set(statuses)))} | {', '.join(f(v) for v in tests)} | "
+                     f"{pm(*mean_ci(tests))} | "
+                     f"{', '.join(f(r['clean']) for r in rows.values())} | "
+                     f"{pm(*mean_ci([r['gap'] for r in rows.values()]))} |")
+    for a, b in pairs:
+        if a not in finals or b not in finals:
+            continue
+        common = sorted(set(finals[a]) & set(finals[b]), key=lambda s: (s is None, s))
+        for what in ("test", "clean", "gap"):
+            diffs = [finals[a][s][what] - finals[b][s][what] for s in common]
+            m, h = mean_ci(diffs)
+            lines.append(f"\npaired {a} - {b}, {what} top-1 by seed "
+                         f"({', '.join(str(s) for s in common)}): "
+                         f"{', '.join(f'{d:+.2f}' for d in diffs)}; mean {m:+.2f}"
+                         + ("" if not np.isfinite(h) else f" ± {h:.2f} (95% t)"))
+    return "\n".join(lines)
+
+
+def plot_seeded_curves(logs: dict, out, title=""):
+    """Per variant (one colour) and seed (one thin line each): the training loss,
+    the clean training top-1 and the test top-1 at every evaluation, and the
+    generalization gap (clean training top-1 - test top-1).  A run that diverged
+    is drawn up to its divergence, marked x, and does not stretch the loss axis:
+    the axis spans the runs that did not diverge."""
+    groups = group_seeds(logs)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    finite_losses = []
+    for i, (variant, runs) in enumerate(groups.items()):
+        color = _variant_color(variant, i)
+        label = _variant_label(variant) + (f", {len(runs)} seeds" if len(runs) > 1 else "")
+        for j, (seed, path) in enumerate(sorted(runs.items(), key=lambda kv: (kv[0] is None,
+                                                                              kv[0]))):
+            log = read_log(path)
+            it, ep = log["iter"], log["epoch"]
+            lab = label if j == 0 else None
+            diverged = log["status"] == "diverged"
+            if diverged and lab:
+                lab += f" (diverged @ it {log['diverged_at']})"
+            loss = np.asarray(it.get("loss", []), float)
+            if len(loss):
+                n = max(1, len(loss) // 60)
+                x = np.asarray(it["iteration"])[n - 1:]
+                y = _smooth(np.where(np.isfinite(loss), loss, np.nan), n)
+                axes[0].plot(x, y, color=color, lw=1, alpha=0.85, label=lab)
+                if diverged:
+                    axes[0].plot([log["diverged_at"]], [y[np.isfinite(y)][-1]
+                                                        if np.isfinite(y).any() else 1.0],
+                                 "x", color=color, ms=9, mew=2)
+                else:
+                    finite_losses.append(y[np.isfinite(y)])
+            top1 = np.asarray(ep.get("test_top1", []), float)
+            ok = np.isfinite(top1)
+            if ok.any():
+                e = np.asarray(ep["epoch"])[ok] + 1
+                axes[2].plot(e, top1[ok], "o-", ms=3, color=color, lw=1, label=lab)
+                clean = np.asarray(ep.get("train_top1_clean", np.full(len(top1), np.nan)),
+                                   float)[ok]
+                if np.isfinite(clean).any():
+                    axes[1].plot(e, clean, "o-", ms=3, color=color, lw=1, label=lab)
+                    axes[3].plot(e, clean - top1[ok], "o-", ms=3, color=color, lw=1, label=lab)
+    if finite_losses:
+        values = np.concatenate(finite_losses)
+        values = values[values > 0]
+        if len(values):
+            axes[0].set_ylim(values.min() / 1.5, values.max() * 1.5)
+    axes[0].set(xlabel="iteration", ylabel="training loss (moving average)", yscale="log",
+                title="training loss (train mode, augmented batches)")
+    axes[1].set(xlabel="epoch", ylabel="top-1 on training images, %",
+                title="clean training accuracy (eval mode, no augmentation)")
+    axes[2].set(xlabel="epoch", ylabel="test top-1 accuracy, %", title="test accuracy")
+    axes[3].set(xlabel="epoch", ylabel="clean training top-1 - test top-1, points",
+                title="generalization gap")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.suptitle(title)
+    _save(fig, out)

@@ -51,7 +51,7 @@ def test_fig3_and_linear_smoke(tmp_path):
     run_script("fig3_resnet50", tmp_path)
     exp = tmp_path / "smoke" / "fig3_resnet50"
     for norm in ("bn", "wn", "normprop", "trelu"):
-        log = read_log(exp / "logs" / f"{norm}.h5")
+        log = read_log(exp / "logs" / f"{norm}_s0.h5")
         assert log["config"]["bn_chunk"] == 32 and log["config"]["model"] == "resnet50"
         if log["status"] == "completed":
             assert len(log["norms"]["iteration"]) > 0
