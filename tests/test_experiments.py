@@ -31,13 +31,13 @@ def test_fig2_smoke_runs_all_five_norms_and_resumes(tmp_path):
     run_script("fig2_cifar10_nv", tmp_path)
     logs = tmp_path / "smoke" / "fig2_cifar10_nv" / "logs"
     for norm in ("none", "bn", "wn", "normprop", "trelu"):
-        log = read_log(logs / f"{norm}.h5")
+        log = read_log(logs / f"{norm}_s0.h5")
         assert log["status"] in ("completed", "diverged")
         assert log["config"]["norm"] == norm
-    assert read_log(logs / "bn.h5")["config"]["weight_decay"] == 2e-3   # footnote 3
+    assert read_log(logs / "bn_s0.h5")["config"]["weight_decay"] == 2e-3   # footnote 3
     # the README's first command promises a figure that shows learning: every
     # variant ends well above chance (10%); seeded, they ended at 43-68% top-1 (two machines)
-    top1 = {n: read_log(logs / f"{n}.h5")["epoch"]["test_top1"][-1]
+    top1 = {n: read_log(logs / f"{n}_s0.h5")["epoch"]["test_top1"][-1]
             for n in ("none", "bn", "wn", "normprop", "trelu")}
     assert all(v > 30 for v in top1.values()), top1
     check_png(tmp_path / "smoke" / "fig2_cifar10_nv" / "fig2_cifar10_nv.png")
