@@ -4,6 +4,7 @@ test mechanism.  (What needs a GPU is in test_gpu.py.)"""
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -276,3 +277,20 @@ def test_gpu_check_compare_runs_on_the_cpu_at_tiny_sizes(tmp_path):
                                                        ("deep_linear", "wn")}
     # float32 on the CPU against float64: the loss agrees to float32 precision
     assert all(abs(r["loss"] - r["loss_cpu64"]) < 1e-4 * abs(r["loss_cpu64"]) for r in rows)
+
+# -- GPU-only paths driven by fakes -------------------------------------------------------
+
+def test_nccl_without_libnccl_is_one_parallel_error(monkeypatch):
+    # CuPy 14 imports cupy.cuda.nccl where libnccl is missing and sets available=False
+    # (its functions then raise AttributeError); _NCCL must say so in one line
+    from tinynorm import parallel
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", types.SimpleNamespace(available=False))
+    assert backend.nccl() is None
+    with pytest.raises(parallel.ParallelError) as e:
+        parallel._NCCL(parallel.SingleProcess())
+    assert "\n" not in str(e.value) and "cupy.cuda.nccl.available is False" in str(e.value)
+    usable = types.SimpleNamespace(available=True)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", usable)
+    assert backend.nccl() is usable
+
