@@ -294,3 +294,113 @@ def test_nccl_without_libnccl_is_one_parallel_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", usable)
     assert backend.nccl() is usable
 
+
+class _FakeArray:
+    """The little of a CuPy array that ops/conv/cudnn.py touches: shape, dtype, the
+    device pointer, copy() (a fresh, aligned allocation)."""
+    next_ptr = 1 << 20
+
+    def __init__(self, shape, dtype=np.float32, ptr=None):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        if ptr is None:
+            ptr, _FakeArray.next_ptr = _FakeArray.next_ptr, _FakeArray.next_ptr + (1 << 20)
+        self.data = types.SimpleNamespace(ptr=ptr)
+
+    def copy(self):
+        return _FakeArray(self.shape, self.dtype)
+
+
+def _fake_cupy():
+    return types.SimpleNamespace(
+        ascontiguousarray=lambda a: a,
+        empty=lambda shape, dtype: _FakeArray(shape, dtype),
+        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)))
+
+
+def test_cudnn_gets_only_16_byte_aligned_pointers(monkeypatch):
+    from tinynorm.ops.conv import cudnn
+    monkeypatch.setattr(backend, "cupy", _fake_cupy())
+    seen = []
+    monkeypatch.setattr(cudnn, "_run", lambda kind, plan, buffers: seen.append((kind, buffers)))
+    plan = types.SimpleNamespace(out_hw=(8, 8))
+    base = 1 << 30
+    x = _FakeArray((2, 3, 8, 8), ptr=base + 4)          # a view 4 bytes into its buffer
+    w = _FakeArray((4, 3, 3, 3), ptr=base + 8)
+    dy = _FakeArray((2, 4, 8, 8), ptr=base + 12)
+    aligned = _FakeArray((2, 3, 8, 8), ptr=base + 64)
+    assert cudnn._aligned(aligned) is aligned             # no copy when it need not
+    cudnn.forward(x, w, None, plan)
+    cudnn.backward(dy, x, w, plan, need_dx=True, need_dw=True, need_db=False)
+    assert [kind for kind, _ in seen] == ["fprop", "dgrad", "wgrad"]
+    for kind, buffers in seen:
+        for role, a in buffers.items():
+            assert a.data.ptr % cudnn.ALIGNMENT == 0, f"{kind} {role} at {a.data.ptr:#x}"
+            assert a.shape in (x.shape, w.shape, dy.shape), f"{kind} {role}"
+
+
+class _NotSupported(Exception):
+    """Stands in for cudnn.cudnnGraphNotSupportedError."""
+
+
+def _fake_frontend(monkeypatch, build):
+    from tinynorm.ops.conv import cudnn
+    frontend = types.SimpleNamespace(cudnnGraphNotSupportedError=_NotSupported)
+    monkeypatch.setattr(backend, "cupy", _fake_cupy())
+    monkeypatch.setattr(cudnn, "_frontend", lambda: (frontend, ""))
+    monkeypatch.setattr(cudnn, "_graphs", {})
+    calls = []
+
+    def counted(mod, kind, key):
+        calls.append(kind)
+        return build(kind)
+    monkeypatch.setattr(cudnn, "_build", counted)
+    return cudnn, calls
+
+
+GEOMETRY = ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1), np.float32)
+
+
+def test_cudnn_supports_caches_the_frontends_refusal(monkeypatch):
+    def build(kind):
+        if kind == "dgrad":
+            raise _NotSupported("no engine proposed a plan\nsecond line")
+        return object()
+    cudnn, calls = _fake_frontend(monkeypatch, build)
+    ok, why = cudnn.supports(*GEOMETRY)
+    assert not ok and calls == ["fprop", "dgrad"]
+    assert why.startswith("cuDNN does not support the dgrad of x (2, 3, 8, 8)")
+    assert why.endswith("_NotSupported: no engine proposed a plan")
+    assert cudnn.supports(*GEOMETRY) == (False, why) and calls == ["fprop", "dgrad"]  # cached
+
+
+@pytest.mark.parametrize("error", [TypeError("expected a cudnn.Handle"),
+                                   AttributeError("no attribute 'conv_fprop'"),
+                                   ValueError("shape deduction failed")])
+def test_cudnn_supports_lets_other_errors_through_uncached(monkeypatch, error):
+    # an API mismatch is not a property of the geometry: it must surface, every time
+    def build(kind):
+        raise error
+    cudnn, calls = _fake_frontend(monkeypatch, build)
+    for _ in range(2):
+        with pytest.raises(type(error), match=str(error)):
+            cudnn.supports(*GEOMETRY)
+    assert calls == ["fprop", "fprop"] and not cudnn._graphs
+
+
+def test_cudnn_supports_builds_each_pass_once(monkeypatch):
+    cudnn, calls = _fake_frontend(monkeypatch, lambda kind: object())
+    assert cudnn.supports(*GEOMETRY) == (True, "")
+    assert cudnn.supports(*GEOMETRY) == (True, "")
+    assert calls == ["fprop", "dgrad", "wgrad"]
+
+
+def test_cudnn_frontend_without_its_refusal_class_is_unavailable(monkeypatch):
+    from tinynorm.ops.conv import cudnn
+    frontend = types.SimpleNamespace(pygraph=object, backend_version=lambda: 91000)
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "cudnn", frontend)
+    mod, reason = cudnn._load()
+    assert mod is None and "no cudnnGraphNotSupportedError" in reason
+    frontend.cudnnGraphNotSupportedError = _NotSupported
+    assert cudnn._load() == (frontend, "")
+
