@@ -404,3 +404,19 @@ def test_cudnn_frontend_without_its_refusal_class_is_unavailable(monkeypatch):
     frontend.cudnnGraphNotSupportedError = _NotSupported
     assert cudnn._load() == (frontend, "")
 
+
+def test_conv_backward_wants_dy_on_the_forwards_device(monkeypatch):
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    y, cache = ops.conv2d_forward(x, w, None, 1, 1)
+    with pytest.raises(ValueError, match="^conv2d_backward: dy must be a NumPy or CuPy array; "
+                                         "got list$"):
+        ops.conv2d_backward(y.tolist(), cache)
+    dy = np.ones_like(y)
+    on_cpu = backend.device_of
+    monkeypatch.setattr(backend, "device_of", lambda a: "gpu" if a is dy else on_cpu(a))
+    with pytest.raises(ValueError, match="^conv2d_backward: dy is on the gpu but the forward "
+                                         "ran on the cpu$"):
+        ops.conv2d_backward(dy, cache)
+    assert ops.conv2d_backward(np.ones_like(y), cache)[0].shape == x.shape
+
