@@ -420,3 +420,18 @@ def test_conv_backward_wants_dy_on_the_forwards_device(monkeypatch):
         ops.conv2d_backward(dy, cache)
     assert ops.conv2d_backward(np.ones_like(y), cache)[0].shape == x.shape
 
+
+@pytest.mark.parametrize("env,fails", [("1", True), ("", False), ("0", False)])
+def test_require_cudnn_turns_the_generic_fallback_into_a_failure(monkeypatch, env, fails):
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    from test_gpu import require_cudnn
+    monkeypatch.setenv("TINYNORM_REQUIRE_CUDNN", env)
+    require_cudnn(True, "")                                  # available: never a failure
+    if fails:
+        with pytest.raises(pytest.fail.Exception,
+                           match="TINYNORM_REQUIRE_CUDNN=1 but the cudnn plan is "
+                                 "unavailable: the frontend does not import"):
+            require_cudnn(False, "the frontend does not import")
+    else:
+        require_cudnn(False, "the frontend does not import")
+
