@@ -177,8 +177,15 @@ def to_torch(layer, pairs):
 
 
 def build_pair(model_name, norm, width, dtype):
-    import torch
     model = build_tinynorm(model_name, norm, width, dtype)
+    tmodel, pairs = torch_twin(model, dtype)
+    return model, tmodel, pairs
+
+
+def torch_twin(model, dtype):
+    """The torch module computing what the tinynorm ``model`` (on the host)
+    computes, with the same weights, and its (layer, key, parameter) pairs."""
+    import torch
     pairs = []
     tmodel = to_torch(model, pairs)
     tmodel = tmodel.to(torch.float64 if dtype == np.float64 else torch.float32)
@@ -189,7 +196,7 @@ def build_pair(model_name, norm, width, dtype):
     if n_params != model.num_parameters():
         raise AssertionError(f"torch model has {n_params} parameters, tinynorm "
                              f"{model.num_parameters()}")
-    return model, tmodel, pairs
+    return tmodel, pairs
 
 
 # ----------------------------------------------------------------------------

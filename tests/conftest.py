@@ -43,6 +43,31 @@ def sigint_as_at_a_terminal():
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
+# TINYNORM_TEST_TIMEOUT=seconds: a test whose call runs longer FAILS with the traceback
+# of where it was, and the run goes on (experiments/gpu_check.sh sets it, so that one
+# hung GPU test cannot take the section's whole time; pytest-timeout may be missing
+# there).  SIGALRM is delivered between Python bytecodes: a test stuck inside one C
+# call is stopped when that call returns.  POSIX only; off when unset or 0.
+TEST_TIMEOUT = float(os.environ.get("TINYNORM_TEST_TIMEOUT", "") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if TEST_TIMEOUT <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        pytest.fail(f"TINYNORM_TEST_TIMEOUT: still running after {TEST_TIMEOUT:g} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,9 +1,13 @@
 """The device option on the CPU: names, errors, moving models and optimizer
 state, staging batches, the trainer's device path, the CLI, the require-GPU
-test mechanism.  (What needs a GPU is in test_gpu.py.)"""
+test mechanism, and the GPU-only code paths that a fake CuPy or cuDNN frontend
+can drive (NCCL's absence, which cuDNN errors mean "not supported", pointer
+alignment, dy's device).  (What needs a GPU is in test_gpu.py; the GPU check
+script is tested in test_gpu_check.py.)"""
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -250,29 +254,159 @@ def test_experiment_presets_choose_the_device():
             common.resolve_device("cpu", "gpu")
 
 
-def test_gpu_check_script_parses_and_reports_a_missing_gpu(tmp_path):
-    script = ROOT / "experiments" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    if backend.gpu_available():
-        return                      # the real run is the validation itself
-    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_INSTALL="0")
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    summary = (tmp_path / "gpu_check_summary.txt").read_text()
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "[detect] NO GPU:" in summary and "nothing was run on a GPU" in summary
-    assert "GPU convolution path:" in summary          # the versions section ran
+# -- GPU-only paths driven by fakes -------------------------------------------------------
+
+def test_nccl_without_libnccl_is_one_parallel_error(monkeypatch):
+    # CuPy 14 imports cupy.cuda.nccl where libnccl is missing and sets available=False
+    # (its functions then raise AttributeError); _NCCL must say so in one line
+    from tinynorm import parallel
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", types.SimpleNamespace(available=False))
+    assert backend.nccl() is None
+    with pytest.raises(parallel.ParallelError) as e:
+        parallel._NCCL(parallel.SingleProcess())
+    assert "\n" not in str(e.value) and "cupy.cuda.nccl.available is False" in str(e.value)
+    usable = types.SimpleNamespace(available=True)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", usable)
+    assert backend.nccl() is usable
 
 
-def test_gpu_check_compare_runs_on_the_cpu_at_tiny_sizes(tmp_path):
-    out = tmp_path / "compare.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "compare",
-                           "--device", "cpu", "--small", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    import json
-    rows = json.loads(out.read_text())
-    assert {(r["model"], r["norm"]) for r in rows} >= {("cifar10_nv", "bn"), ("resnet50", "wn"),
-                                                       ("deep_linear", "wn")}
-    # float32 on the CPU against float64: the loss agrees to float32 precision
-    assert all(abs(r["loss"] - r["loss_cpu64"]) < 1e-4 * abs(r["loss_cpu64"]) for r in rows)
+class _FakeArray:
+    """The little of a CuPy array that ops/conv/cudnn.py touches: shape, dtype, the
+    device pointer, copy() (a fresh, aligned allocation)."""
+    next_ptr = 1 << 20
+
+    def __init__(self, shape, dtype=np.float32, ptr=None):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        if ptr is None:
+            ptr, _FakeArray.next_ptr = _FakeArray.next_ptr, _FakeArray.next_ptr + (1 << 20)
+        self.data = types.SimpleNamespace(ptr=ptr)
+
+    def copy(self):
+        return _FakeArray(self.shape, self.dtype)
+
+
+def _fake_cupy():
+    return types.SimpleNamespace(
+        ascontiguousarray=lambda a: a,
+        empty=lambda shape, dtype: _FakeArray(shape, dtype),
+        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)))
+
+
+def test_cudnn_gets_only_16_byte_aligned_pointers(monkeypatch):
+    from tinynorm.ops.conv import cudnn
+    monkeypatch.setattr(backend, "cupy", _fake_cupy())
+    seen = []
+    monkeypatch.setattr(cudnn, "_run", lambda kind, plan, buffers: seen.append((kind, buffers)))
+    plan = types.SimpleNamespace(out_hw=(8, 8))
+    base = 1 << 30
+    x = _FakeArray((2, 3, 8, 8), ptr=base + 4)          # a view 4 bytes into its buffer
+    w = _FakeArray((4, 3, 3, 3), ptr=base + 8)
+    dy = _FakeArray((2, 4, 8, 8), ptr=base + 12)
+    aligned = _FakeArray((2, 3, 8, 8), ptr=base + 64)
+    assert cudnn._aligned(aligned) is aligned             # no copy when it need not
+    cudnn.forward(x, w, None, plan)
+    cudnn.backward(dy, x, w, plan, need_dx=True, need_dw=True, need_db=False)
+    assert [kind for kind, _ in seen] == ["fprop", "dgrad", "wgrad"]
+    for kind, buffers in seen:
+        for role, a in buffers.items():
+            assert a.data.ptr % cudnn.ALIGNMENT == 0, f"{kind} {role} at {a.data.ptr:#x}"
+            assert a.shape in (x.shape, w.shape, dy.shape), f"{kind} {role}"
+
+
+class _NotSupported(Exception):
+    """Stands in for cudnn.cudnnGraphNotSupportedError."""
+
+
+def _fake_frontend(monkeypatch, build):
+    from tinynorm.ops.conv import cudnn
+    frontend = types.SimpleNamespace(cudnnGraphNotSupportedError=_NotSupported)
+    monkeypatch.setattr(backend, "cupy", _fake_cupy())
+    monkeypatch.setattr(cudnn, "_frontend", lambda: (frontend, ""))
+    monkeypatch.setattr(cudnn, "_graphs", {})
+    calls = []
+
+    def counted(mod, kind, key):
+        calls.append(kind)
+        return build(kind)
+    monkeypatch.setattr(cudnn, "_build", counted)
+    return cudnn, calls
+
+
+GEOMETRY = ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1), np.float32)
+
+
+def test_cudnn_supports_caches_the_frontends_refusal(monkeypatch):
+    def build(kind):
+        if kind == "dgrad":
+            raise _NotSupported("no engine proposed a plan\nsecond line")
+        return object()
+    cudnn, calls = _fake_frontend(monkeypatch, build)
+    ok, why = cudnn.supports(*GEOMETRY)
+    assert not ok and calls == ["fprop", "dgrad"]
+    assert why.startswith("cuDNN does not support the dgrad of x (2, 3, 8, 8)")
+    assert why.endswith("_NotSupported: no engine proposed a plan")
+    assert cudnn.supports(*GEOMETRY) == (False, why) and calls == ["fprop", "dgrad"]  # cached
+
+
+@pytest.mark.parametrize("error", [TypeError("expected a cudnn.Handle"),
+                                   AttributeError("no attribute 'conv_fprop'"),
+                                   ValueError("shape deduction failed")])
+def test_cudnn_supports_lets_other_errors_through_uncached(monkeypatch, error):
+    # an API mismatch is not a property of the geometry: it must surface, every time
+    def build(kind):
+        raise error
+    cudnn, calls = _fake_frontend(monkeypatch, build)
+    for _ in range(2):
+        with pytest.raises(type(error), match=str(error)):
+            cudnn.supports(*GEOMETRY)
+    assert calls == ["fprop", "fprop"] and not cudnn._graphs
+
+
+def test_cudnn_supports_builds_each_pass_once(monkeypatch):
+    cudnn, calls = _fake_frontend(monkeypatch, lambda kind: object())
+    assert cudnn.supports(*GEOMETRY) == (True, "")
+    assert cudnn.supports(*GEOMETRY) == (True, "")
+    assert calls == ["fprop", "dgrad", "wgrad"]
+
+
+def test_cudnn_frontend_without_its_refusal_class_is_unavailable(monkeypatch):
+    from tinynorm.ops.conv import cudnn
+    frontend = types.SimpleNamespace(pygraph=object, backend_version=lambda: 91000)
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "cudnn", frontend)
+    mod, reason = cudnn._load()
+    assert mod is None and "no cudnnGraphNotSupportedError" in reason
+    frontend.cudnnGraphNotSupportedError = _NotSupported
+    assert cudnn._load() == (frontend, "")
+
+
+def test_conv_backward_wants_dy_on_the_forwards_device(monkeypatch):
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    y, cache = ops.conv2d_forward(x, w, None, 1, 1)
+    with pytest.raises(ValueError, match="^conv2d_backward: dy must be a NumPy or CuPy array; "
+                                         "got list$"):
+        ops.conv2d_backward(y.tolist(), cache)
+    dy = np.ones_like(y)
+    on_cpu = backend.device_of
+    monkeypatch.setattr(backend, "device_of", lambda a: "gpu" if a is dy else on_cpu(a))
+    with pytest.raises(ValueError, match="^conv2d_backward: dy is on the gpu but the forward "
+                                         "ran on the cpu$"):
+        ops.conv2d_backward(dy, cache)
+    assert ops.conv2d_backward(np.ones_like(y), cache)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("env,fails", [("1", True), ("", False), ("0", False)])
+def test_require_cudnn_turns_the_generic_fallback_into_a_failure(monkeypatch, env, fails):
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    from test_gpu import require_cudnn
+    monkeypatch.setenv("TINYNORM_REQUIRE_CUDNN", env)
+    require_cudnn(True, "")                                  # available: never a failure
+    if fails:
+        with pytest.raises(pytest.fail.Exception,
+                           match="TINYNORM_REQUIRE_CUDNN=1 but the cudnn plan is "
+                                 "unavailable: the frontend does not import"):
+            require_cudnn(False, "the frontend does not import")
+    else:
+        require_cudnn(False, "the frontend does not import")

@@ -1,8 +1,11 @@
 """Tests that need a GPU (CuPy with a usable CUDA device).
 
 Every test here is marked ``gpu``: skipped where no GPU is usable, and FAILING
-there under ``TINYNORM_REQUIRE_GPU=1`` (tests/conftest.py).  NONE OF THEM HAS
-RUN YET: they are written for the validation run of experiments/gpu_check.sh.
+there under ``TINYNORM_REQUIRE_GPU=1`` (tests/conftest.py).  Under
+``TINYNORM_REQUIRE_CUDNN=1`` the convolution-path test fails where the cuDNN
+frontend is unusable instead of accepting the generic fallback.  NONE OF THEM HAS
+RUN YET: they are written for the validation run of experiments/gpu_check.sh,
+which sets both.
 
 * every op's forward and backward on the device, float64 and float32, against
   the CPU float64 result; gradcheck on the device in float64;
@@ -11,6 +14,8 @@ RUN YET: they are written for the validation run of experiments/gpu_check.sh.
 * a two-step training run of every model with every norm, GPU against CPU;
 * the trainer on the GPU: batches staged ahead, checkpoint and resume there.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -127,10 +132,20 @@ def test_dropout_on_the_gpu_uses_a_device_generator():
 
 # -- which convolution path ---------------------------------------------------------------
 
+def require_cudnn(ok, reason):
+    """Fail when the cudnn plan is unavailable (``cudnn.status()`` is ``(ok,
+    reason)``) and TINYNORM_REQUIRE_CUDNN is set: on a machine meant to run cuDNN,
+    the generic fallback would pass every test with ops/conv/cudnn.py never run."""
+    if not ok and os.environ.get("TINYNORM_REQUIRE_CUDNN", "") not in ("", "0"):
+        pytest.fail(f"TINYNORM_REQUIRE_CUDNN=1 but the cudnn plan is unavailable: {reason}",
+                    pytrace=False)
+
+
 def test_the_conv_path_is_the_one_status_promises():
     from tinynorm.ops.conv import cudnn
     ok, reason = cudnn.status()
     print(f"cuDNN frontend: {'available, cuDNN ' + cudnn.version() if ok else reason}")
+    require_cudnn(ok, reason)
     x = cp().asarray(np.random.default_rng(1).standard_normal((4, 16, 12, 12)), np.float32)
     w = cp().asarray(np.random.default_rng(2).standard_normal((32, 16, 3, 3)), np.float32)
     _, cache = ops.conv2d_forward(x, w, None, 1, 1)

@@ -243,9 +243,14 @@ def nccl():
         return None
     try:
         import importlib
-        return importlib.import_module("cupy.cuda.nccl")
+        module = importlib.import_module("cupy.cuda.nccl")
     except Exception:  # ImportError, or libnccl failing to load
         return None
+    # CuPy 14 imports cupy.cuda.nccl without libnccl and says so in `available`
+    # (its functions then fail with AttributeError); older CuPy raised on import
+    if not getattr(module, "available", True):
+        return None
+    return module
 
 
 def default_rng(seed, device: str = "cpu"):

@@ -148,7 +148,8 @@ class _NCCL:
         nccl = backend.nccl()
         if nccl is None:
             raise ParallelError("CuPy arrays across ranks need NCCL (cupy.cuda.nccl), which "
-                                "does not import here")
+                                "is not usable here: it does not import, or CuPy found no "
+                                "libnccl (cupy.cuda.nccl.available is False)")
         self.cupy, self.nccl = backend.cupy, nccl
         uid = nccl.get_unique_id() if comm.rank == 0 else None
         uid = comm.bcast(uid)

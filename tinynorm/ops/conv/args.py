@@ -32,6 +32,15 @@ def check_args(x, w, b, stride, pad, op=OP):
 
 
 def check_dy(dy, x, w, out_hw, op=OP):
+    """dy must be an array of the forward output's shape and dtype, on the device
+    the forward ran on (x's): a NumPy dy for a GPU forward would otherwise reach
+    CuPy or cuDNN as host memory."""
+    if not backend.is_array(dy):
+        raise ValueError(f"{op}_backward: dy must be a NumPy or CuPy array; got "
+                         f"{type(dy).__name__}")
+    if backend.device_of(dy) != backend.device_of(x):
+        raise ValueError(f"{op}_backward: dy is on the {backend.device_of(dy)} but the "
+                         f"forward ran on the {backend.device_of(x)}")
     expected = (x.shape[0], w.shape[0], *out_hw)
     if tuple(dy.shape) != expected:
         raise ValueError(f"{op}_backward: dy has shape {tuple(dy.shape)}, expected "

@@ -15,9 +15,11 @@ policy, device), each built once and cached:
     backward  DX = conv_dgrad(loss=DY, filter=W)
               DW = conv_wgrad(image=X, loss=DY)
 
-on packed NCHW tensors (strides (C*H*W, H*W, W, 1)), with dilation 1.  The
-build is ``validate -> build_operation_graph -> create_execution_plans([A,
-FALLBACK]) -> [deselect numerical notes] -> check_support -> build_plans``.
+on packed NCHW tensors (strides (C*H*W, H*W, W, 1)) starting on 16-byte
+boundaries (cuDNN's alignment; :func:`_aligned` copies a view that does not),
+with dilation 1.  The build is ``validate -> build_operation_graph ->
+create_execution_plans([A, FALLBACK]) -> [deselect numerical notes] ->
+check_support -> build_plans``.
 Execution runs on the cuDNN handle of the device, bound to CuPy's current
 stream, with a workspace from CuPy's pool.
 
@@ -29,9 +31,10 @@ deselected for float32 (the notes PyTorch filters when its
 is deselected for it always; FP64 tensor cores compute in full double).
 
 Availability (:func:`status`): a usable GPU, ``import cudnn`` giving the
-frontend (``cudnn.pygraph``) and a cuDNN library of major version 9 or later.
-A geometry whose graphs cuDNN does not support (:func:`supports`) takes the
-``generic`` plan; :func:`tinynorm.ops.conv` warns once per reason.
+frontend (``cudnn.pygraph`` and ``cudnn.cudnnGraphNotSupportedError``) and a
+cuDNN library of major version 9 or later.  A geometry whose graphs cuDNN
+refuses with that error (:func:`supports`) takes the ``generic`` plan;
+:func:`tinynorm.ops.conv` warns once per reason.  Any other error propagates.
 """
 from __future__ import annotations
 
@@ -66,6 +69,10 @@ def _load():
                       f"pip install nvidia-cudnn-frontend and nvidia-cudnn-cu12 / -cu13")
     if not hasattr(mod, "pygraph"):
         return None, "the module 'cudnn' that imports is not NVIDIA's cuDNN frontend (no pygraph)"
+    if not isinstance(getattr(mod, "cudnnGraphNotSupportedError", None), type):
+        # supports() tells "cuDNN refuses this geometry" from a failure by this class
+        return None, ("the cuDNN frontend has no cudnnGraphNotSupportedError (too old for the "
+                      "cudnn plan; pip install -U nvidia-cudnn-frontend)")
     try:
         v = int(mod.backend_version())
     except Exception as e:  # noqa: BLE001 -- the library did not load
@@ -187,7 +194,14 @@ def _key(x_shape, w_shape, stride, pad, dtype, allow_tf32):
 
 def supports(x_shape, w_shape, stride, pad, dtype, allow_tf32=False):
     """``(True, "")`` when cuDNN builds all three passes of this geometry (built
-    once, cached), else ``(False, why)``.  Needs :func:`available`."""
+    once, cached), else ``(False, why)``.  Needs :func:`available`.
+
+    Only the frontend's own refusal, ``cudnn.cudnnGraphNotSupportedError`` (its
+    GRAPH_NOT_SUPPORTED, HEURISTIC_QUERY_FAILED, UNSUPPORTED_GRAPH_FORMAT and
+    plan-creation failures), means "not supported": anything else -- a
+    TypeError or AttributeError from an API this code does not match, a
+    ValueError from a graph described wrongly, a CUDA error -- propagates
+    rather than being cached as a property of the geometry."""
     mod, reason = _frontend()
     if mod is None:
         return False, reason
@@ -197,7 +211,7 @@ def supports(x_shape, w_shape, stride, pad, dtype, allow_tf32=False):
         if entry is None:
             try:
                 entry = _build(mod, kind, key)
-            except Exception as e:  # cudnnGraphNotSupportedError, RuntimeError, ValueError
+            except mod.cudnnGraphNotSupportedError as e:
                 entry = (f"cuDNN does not support the {kind} of x {key[0]}, w {key[1]}, "
                          f"stride {key[2]}, pad {key[3]}, {np.dtype(dtype).name}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -207,8 +221,24 @@ def supports(x_shape, w_shape, stride, pad, dtype, allow_tf32=False):
     return True, ""
 
 
+# cuDNN requires every tensor's device pointer to be 16-byte aligned.  CuPy's pool
+# hands out 512-byte aligned blocks, but a view into one (x[1:], a slice of a
+# concatenated batch) can start anywhere.
+ALIGNMENT = 16
+
+
+def _aligned(a):
+    """``a`` C-contiguous and starting on an ALIGNMENT-byte boundary; a copy only
+    when it is not already both."""
+    a = backend.cupy.ascontiguousarray(a)
+    if a.data.ptr % ALIGNMENT:
+        a = a.copy()             # a fresh allocation from the pool: aligned
+    return a
+
+
 def _run(kind, plan, buffers):
-    """Execute the cached graph of ``kind`` for ``plan`` on ``buffers`` (role -> CuPy array)."""
+    """Execute the cached graph of ``kind`` for ``plan`` on ``buffers`` (role -> CuPy
+    array, each :func:`_aligned` or fresh from ``cp.empty``)."""
     mod, _ = _frontend()
     cp = backend.cupy
     key = _key(plan.x_shape, plan.w_shape, plan.stride, plan.pad, plan.dtype, plan.tf32)
@@ -223,7 +253,7 @@ def _run(kind, plan, buffers):
 
 def forward(x, w, b, plan):
     cp = backend.cupy
-    x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
+    x, w = _aligned(x), _aligned(w)
     y = cp.empty((x.shape[0], w.shape[0], *plan.out_hw), dtype=x.dtype)
     _run("fprop", plan, {"x": x, "w": w, "y": y})
     if b is not None:
@@ -233,13 +263,13 @@ def forward(x, w, b, plan):
 
 def backward(dy, x, w, plan, need_dx, need_dw, need_db):
     cp = backend.cupy
-    dy = cp.ascontiguousarray(dy)
+    dy = _aligned(dy)
     dx = dw = None
     if need_dx:
         dx = cp.empty(x.shape, dtype=x.dtype)
-        _run("dgrad", plan, {"dy": dy, "w": cp.ascontiguousarray(w), "dx": dx})
+        _run("dgrad", plan, {"dy": dy, "w": _aligned(w), "dx": dx})
     if need_dw:
         dw = cp.empty(w.shape, dtype=w.dtype)
-        _run("wgrad", plan, {"x": cp.ascontiguousarray(x), "dy": dy, "dw": dw})
+        _run("wgrad", plan, {"x": _aligned(x), "dy": dy, "dw": dw})
     db = dy.sum(axis=(0, 2, 3)) if need_db else None
     return dx, dw, db
