@@ -1,6 +1,10 @@
 """Redraw every committed figure from the committed cpu-preset logs:
 
     python -m plots
+
+``plots/logs/<experiment>/`` holds the runs in the regime of the paper's
+claims (named ``<variant>_s<seed>``); ``plots/logs/short/<experiment>/`` the
+short one-seed runs of 2026-11/12, whose figures go to ``plots/short/``.
 """
 import json
 import sys
@@ -10,8 +14,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from plots.figures import (ablation_table, plot_ablation, plot_coherence,  # noqa: E402
-                           plot_divergence, plot_output_norms, plot_signal_by_depth,
-                           plot_time_share, plot_training_curves)
+                           plot_divergence, plot_output_norms, plot_seeded_curves,
+                           plot_signal_by_depth, plot_time_share, plot_training_curves,
+                           seed_table)
 from tinynorm.train import read_log  # noqa: E402
 
 
@@ -20,24 +25,43 @@ def logs_of(experiment):
     return {p.stem: p for p in sorted(d.glob("*.h5"))} if d.exists() else {}
 
 
+def short_runs(drawn):
+    """The 2026-11/12 one-seed runs (short of the claims' regime), as they were drawn."""
+    if logs := logs_of("short/fig2_cifar10_nv"):
+        plot_training_curves(logs, HERE / "short" / "fig2_cifar10_nv.png",
+                             "cifar10-nv (short runs, 2026-11/12)")
+        drawn.append("short/fig2_cifar10_nv.png")
+        if all(len(read_log(p)["signal"].get("iteration", [])) for p in logs.values()):
+            plot_signal_by_depth(logs, HERE / "short" / "fig2_signal_by_depth.png",
+                                 "cifar10-nv: RMS by depth, initialization and end (short runs)")
+            drawn.append("short/fig2_signal_by_depth.png")
+    if logs := logs_of("short/fig3_resnet50"):
+        plot_training_curves(logs, HERE / "short" / "fig3_resnet50.png",
+                             "ResNet-50 (short runs, 2026-11/12)")
+        plot_output_norms(logs, HERE / "short" / "fig4_output_norms.png",
+                          "ResNet-50 output norms (short runs, 2026-11/12)")
+        drawn += ["short/fig3_resnet50.png", "short/fig4_output_norms.png"]
+        if all(len(read_log(p)["signal"].get("iteration", [])) for p in logs.values()):
+            plot_signal_by_depth(logs, HERE / "short" / "fig3_signal_by_depth.png",
+                                 "ResNet-50: RMS by depth, initialization and end (short runs)")
+            drawn.append("short/fig3_signal_by_depth.png")
+
+
 def main():
     drawn = []
+    short_runs(drawn)
     if logs := logs_of("fig2_cifar10_nv"):
-        plot_training_curves(logs, HERE / "fig2_cifar10_nv.png", "cifar10-nv (cpu preset)")
+        plot_seeded_curves(logs, HERE / "fig2_cifar10_nv.png", "cifar10-nv (cpu preset, seeds)")
+        print(seed_table(logs, pairs=[("bn", "wn")]))
         drawn.append("fig2_cifar10_nv.png")
-        if all(len(read_log(p)["signal"].get("iteration", [])) for p in logs.values()):
-            plot_signal_by_depth(logs, HERE / "fig2_signal_by_depth.png",
-                                 "cifar10-nv: RMS by depth, initialization and end (cpu preset)")
-            drawn.append("fig2_signal_by_depth.png")
     if logs := logs_of("fig3_resnet50"):
-        plot_training_curves(logs, HERE / "fig3_resnet50.png", "ResNet-50 (cpu preset)")
-        plot_output_norms(logs, HERE / "fig4_output_norms.png",
-                          "ResNet-50 output norms (cpu preset)")
+        curves = {k: v for k, v in logs.items() if not k.startswith("normprop_lr")}
+        plot_seeded_curves(curves, HERE / "fig3_resnet50.png", "ResNet-50 (cpu preset, seeds)")
+        plot_output_norms({k: v for k, v in curves.items() if k.endswith("_s0")},
+                          HERE / "fig4_output_norms.png",
+                          "ResNet-50 output norms (cpu preset, seed 0)")
+        print(seed_table(curves, pairs=[("bn", "wn")]))
         drawn += ["fig3_resnet50.png", "fig4_output_norms.png"]
-        if all(len(read_log(p)["signal"].get("iteration", [])) for p in logs.values()):
-            plot_signal_by_depth(logs, HERE / "fig3_signal_by_depth.png",
-                                 "ResNet-50: RMS by depth, initialization and end (cpu preset)")
-            drawn.append("fig3_signal_by_depth.png")
     if logs := logs_of("linear_divergence"):
         print(plot_divergence(logs, HERE / "linear_divergence.png",
                               "50-layer linear network (cpu preset)"))
