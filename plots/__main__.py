@@ -14,7 +14,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from plots.figures import (ablation_table, plot_ablation, plot_coherence,  # noqa: E402
-                           plot_divergence, plot_output_norms, plot_seeded_curves,
+                           plot_divergence, plot_divergence_factorial,
+                           plot_gain_and_coherence, plot_output_norms, plot_seeded_curves,
                            plot_signal_by_depth, plot_time_share, plot_training_curves,
                            seed_table)
 from tinynorm.train import read_log  # noqa: E402
@@ -45,6 +46,13 @@ def short_runs(drawn):
             plot_signal_by_depth(logs, HERE / "short" / "fig3_signal_by_depth.png",
                                  "ResNet-50: RMS by depth, initialization and end (short runs)")
             drawn.append("short/fig3_signal_by_depth.png")
+    if logs := logs_of("short/linear_divergence"):
+        print(plot_divergence(logs, HERE / "short" / "linear_divergence.png",
+                              "50-layer linear network (short study, one seed)"))
+        plot_coherence({k: v for k, v in logs.items() if k.startswith("wn_")},
+                       HERE / "short" / "linear_coherence.png",
+                       "50-layer linear WN network: weight coherence (short study)")
+        drawn += ["short/linear_divergence.png", "short/linear_coherence.png"]
 
 
 def main():
@@ -63,11 +71,12 @@ def main():
         print(seed_table(curves, pairs=[("bn", "wn")]))
         drawn += ["fig3_resnet50.png", "fig4_output_norms.png"]
     if logs := logs_of("linear_divergence"):
-        print(plot_divergence(logs, HERE / "linear_divergence.png",
-                              "50-layer linear network (cpu preset)"))
-        plot_coherence({k: v for k, v in logs.items() if k.startswith("wn_")},
-                       HERE / "linear_coherence.png",
-                       "50-layer linear WN network: weight coherence (cpu preset)")
+        print(plot_divergence_factorial(logs, HERE / "linear_divergence.png",
+                                        "50-layer linear network (cpu preset, seeds)"))
+        plot_gain_and_coherence({k: v for k, v in logs.items() if k.endswith("_s0")},
+                                HERE / "linear_coherence.png",
+                                "50-layer linear network: end-to-end gain and coherence "
+                                "(cpu preset, seed 0)")
         drawn += ["linear_divergence.png", "linear_coherence.png"]
     if logs := logs_of("ablation_init"):
         plot_ablation(logs, HERE / "ablation_init.png", "init / scale ablation (cpu preset)")

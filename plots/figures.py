@@ -519,3 +519,119 @@ def plot_seeded_curves(logs: dict, out, title=""):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(title)
     _save(fig, out)
+
+
+# -- the linear study's factorial (runs named <cell>_lr<lr>_s<seed>) ----------------------
+
+def _cell_lr_seed(name, log):
+    m = re.match(r"^(.*)_lr[^_]+_s(\d+)$", name)
+    return m.group(1), float(log["config"]["lr"]), int(m.group(2))
+
+
+def divergence_fractions(logs: dict) -> dict:
+    """{cell: {lr: [diverged_at or None per seed, in seed order]}} (lr exact, from the log)."""
+    cells = {}
+    for name, path in logs.items():
+        log = read_log(path)
+        cell, lr, seed = _cell_lr_seed(name, log)
+        at = log["diverged_at"] if log["status"] == "diverged" else None
+        cells.setdefault(cell, {}).setdefault(lr, []).append((seed, at))
+    return {cell: {lr: [at for _, at in sorted(runs)] for lr, runs in sorted(by_lr.items())}
+            for cell, by_lr in cells.items()}
+
+
+def plot_divergence_factorial(logs: dict, out, title=""):
+    """Left: the fraction of seeds that diverged at each lr, one line per cell;
+    right: the iterations to divergence of every diverged seed (median joined).
+    x at the exact learning rates.  Returns a Markdown table."""
+    table = divergence_fractions(logs)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    styles = {"wn": "-", "bn": ":", "none": "--"}
+    cmap = plt.get_cmap("tab10")
+    lines = ["| cell | lr | diverged / seeds | iterations to divergence |", "|---|---|---|---|"]
+    for i, (cell, by_lr) in enumerate(table.items()):
+        lrs = np.array(list(by_lr))
+        frac = np.array([np.mean([a is not None for a in v]) for v in by_lr.values()])
+        color = cmap(i % 10)
+        ls = styles.get(cell.split("_")[0], "-")
+        marker = "o" if "orth" in cell else "s"
+        axes[0].plot(lrs, frac, ls, marker=marker, color=color, label=cell, ms=5)
+        med = []
+        for lr, v in by_lr.items():
+            its = [a for a in v if a is not None]
+            axes[1].plot([lr] * len(its), its, marker, color=color, ms=3, alpha=0.5)
+            med.append(np.median(its) if its else np.nan)
+            lines.append(f"| {cell} | {lr:.3g} | {len(its)} / {len(v)} | "
+                         f"{', '.join(str(a) for a in its) if its else '--'} |")
+        axes[1].plot(lrs, med, ls, color=color, label=cell)
+    axes[0].set(xscale="log", xlabel="learning rate", ylabel="fraction of seeds that diverged",
+                ylim=(-0.03, 1.03), title="divergence by cell")
+    axes[1].axhline(100, color="k", ls=":", lw=1, label="100 iterations (paper)")
+    axes[1].set(xscale="log", yscale="log", xlabel="learning rate",
+                ylabel="iteration of divergence (median joined)", title="when")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, out)
+    return "\n".join(lines)
+
+
+def end_to_end_gain(log):
+    """(iterations, log(||x_L|| / ||x_0||)) from the signal group: the RMS of the
+    network's last output against its input's ("input" kind), times the square
+    root of their widths' ratio."""
+    sig = log["signal"]
+    kinds = list(sig.get("kinds", []))
+    if "input" not in kinds or not len(sig.get("iteration", [])):
+        return np.array([]), np.array([])
+    rms = np.atleast_2d(np.asarray(sig["rms"], float))
+    cfg = log["config"]
+    width_in = cfg["crop"] * cfg["crop"] * (3 if cfg["dataset"] in ("imagenet", "cifar10") else 1)
+    width_out = 10 if cfg["dataset"] != "imagenet" else 1000
+    i0 = kinds.index("input")
+    gain = np.log(rms[:, -1] / rms[:, i0]) + 0.5 * np.log(width_out / width_in)
+    return np.asarray(sig["iteration"]), gain
+
+
+def plot_gain_and_coherence(logs: dict, out, title=""):
+    """One row per WN cell: the end-to-end gain and the median coherence over the
+    50 layers against the iteration, one line per lr (a diverged run ends with x)."""
+    groups = {}
+    for name, path in logs.items():
+        log = read_log(path)
+        cell, lr, _ = _cell_lr_seed(name, log)
+        if cell.startswith("wn"):
+            groups.setdefault(cell, []).append((lr, log))
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.4 * len(groups)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, (cell, runs) in enumerate(sorted(groups.items())):
+        runs.sort(key=lambda r: r[0])
+        for j, (lr, log) in enumerate(runs):
+            color = cmap(j / max(1, len(runs) - 1))
+            its, gain = end_to_end_gain(log)
+            coh = log.get("coherence", {})
+            label = f"lr {lr:.2g}" + (f" (diverged @ {log['diverged_at']})"
+                                      if log["status"] == "diverged" else "")
+            if len(its):
+                ok = np.isfinite(gain)
+                axes[row][0].plot(its[ok] + 1, gain[ok], color=color, lw=1, label=label)
+                if log["status"] == "diverged" and ok.any():
+                    axes[row][0].plot(its[ok][-1] + 1, gain[ok][-1], "x", color=color)
+            if len(coh.get("iteration", [])):
+                vals = np.atleast_2d(np.asarray(coh["value"], float))
+                axes[row][1].plot(np.asarray(coh["iteration"]) + 1, np.nanmedian(vals, axis=1),
+                                  color=color, lw=1, label=label)
+        axes[row][0].set(xscale="log", xlabel="iteration + 1", ylabel="log(||x_L|| / ||x_0||)",
+                         title=f"{cell}: end-to-end gain on the batch")
+        axes[row][1].set(xscale="log", xlabel="iteration + 1",
+                         ylabel="median over layers of max_{i!=j} |cos|", ylim=(0, 1.02),
+                         title=f"{cell}: weight coherence (footnote 2)")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+        axes[row][1].legend(fontsize=6, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, out)

@@ -59,13 +59,25 @@ def test_fig3_and_linear_smoke(tmp_path):
     check_png(exp / "fig4_output_norms.png")
 
     out = run_script("linear_divergence", tmp_path)
-    lines = [l for l in out.splitlines() if l.split()[:1] in (["wn"], ["bn"], ["none"])]
-    assert len(lines) == 9          # 3 norms x 3 learning rates
-    check_png(tmp_path / "smoke" / "linear_divergence" / "linear_divergence.png")
-    check_png(tmp_path / "smoke" / "linear_divergence" / "linear_coherence.png")
-    wn = read_log(tmp_path / "smoke" / "linear_divergence" / "logs" / "wn_lr1e-03.h5")
-    # coherence of all 50 layers at every iteration run
+    lines = [l for l in out.splitlines() if l.startswith(("| wn_", "| bn_", "| none_"))]
+    assert len(lines) == 12         # 4 cells x 3 learning rates
+    lin = tmp_path / "smoke" / "linear_divergence"
+    check_png(lin / "linear_divergence.png")
+    check_png(lin / "linear_coherence.png")
+    wn = read_log(lin / "logs" / "wn_xavier_g1_lr1e-03_s0.h5")
+    # coherence of all 50 layers and the RMS of the input and the 50 layers, every iteration
     assert wn["coherence"]["value"].shape == (len(wn["iter"]["iteration"]), 50)
+    assert wn["signal"]["rms"].shape[1] == 51 and wn["signal"]["kinds"][0] == "input"
+    frozen = read_log(lin / "logs" / "wn_orth_gfrozen_lr1e-03_s0.h5")
+    assert frozen["config"]["init"] == "orthogonal" and frozen["config"]["wn_g_init"] == "frozen"
+    # the product of 48 orthogonal row-normalized layers is orthogonal at init; the
+    # uniform (Caffe xavier) layers' product is far from it
+    svd = json.loads((lin / "logs" / "svd.json").read_text())
+    assert len(svd) == 12
+    top, bottom = svd["wn_orth_gfrozen_lr1e-03_s0"]["init"]
+    assert abs(top - 1) < 1e-6 and abs(bottom - 1) < 1e-6
+    top, bottom = svd["wn_xavier_g1_lr1e-03_s0"]["init"]
+    assert top / bottom > 1e3
 
 
 @needs_fmnist

@@ -184,6 +184,22 @@ def test_glorot_and_he_are_the_other_inits():
         initialize("xavier", shape, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (10, 64), (64, 784), (96, 16, 3, 3), (8, 16, 3, 3)])
+def test_orthogonal_has_every_singular_value_one(shape):
+    w = initialize("orthogonal", shape, np.random.default_rng(0), np.float64)
+    assert w.shape == shape
+    s = np.linalg.svd(w.reshape(shape[0], -1), compute_uv=False)
+    np.testing.assert_allclose(s, 1.0, atol=1e-12)
+    # a product of square orthogonal layers stays orthogonal: gain 1 at any depth
+    rng = np.random.default_rng(1)
+    prod = np.eye(64)
+    for _ in range(48):
+        prod = initialize("orthogonal", (64, 64), rng, np.float64) @ prod
+    np.testing.assert_allclose(np.linalg.svd(prod, compute_uv=False), 1.0, atol=1e-10)
+    assert not np.array_equal(w, initialize("orthogonal", shape, np.random.default_rng(2),
+                                            np.float64))
+
+
 def test_models_default_to_caffe_xavier():
     model = cifar10_nv("none", 1, 10, width=0.25)
     w = model.children["conv1"].children["0"].params["w"]
@@ -202,6 +218,20 @@ def test_wn_g_init_option_reaches_every_wn_layer():
                        opts=norms.UnitOptions(wn_g_init=g_init))
         wn = [l for _, l in model.named_layers() if isinstance(l, (nn.WNConv2d, nn.WNLinear))]
         assert len(wn) > 10 and all(check(l.params["g"], l.params["v"]) for l in wn)
+
+
+def test_frozen_wn_gain_is_no_parameter_and_the_filters_stay_unit_norm():
+    from tinynorm.gradcheck import gradcheck_layer
+    from tinynorm.models import deep_linear
+    model = deep_linear(5, 16, 20, 10, "wn", opts=norms.UnitOptions(wn_g_init="frozen"),
+                        dtype=np.float64)
+    wn = [l for _, l in model.named_layers() if isinstance(l, nn.WNLinear)]
+    assert len(wn) == 5 and all(set(l.params) == {"v"} for l in wn)   # nothing to learn but v
+    x = np.random.default_rng(0).standard_normal((8, 20))
+    w = wn[0].params["v"] / (np.linalg.norm(wn[0].params["v"], axis=1, keepdims=True)
+                             + wn[0].eps)
+    np.testing.assert_allclose(wn[0].forward(x), x @ w.T, rtol=1e-12)
+    assert all(r.passed for r in gradcheck_layer(model, x))
 
 
 # -- NormProp's scale ---------------------------------------------------------------------

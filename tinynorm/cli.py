@@ -103,8 +103,10 @@ def _norm_help():
 TRAIN_FLAGS = {
     "--model": ("model", str, "cifar10_nv | resnet50 | deep_linear"),
     "--norm": ("norm", str, None),   # help from the registry, when the parser is built
-    "--init": ("init", str, "weight init: caffe_xavier (Caffe's filler, default) | glorot | he"),
-    "--wn-g-init": ("wn_g_init", str, "WN gains start at 1 (one, default) or at ||v|| (norm)"),
+    "--init": ("init", str, "weight init: caffe_xavier (Caffe's filler, default) | glorot | he "
+                            "| orthogonal"),
+    "--wn-g-init": ("wn_g_init", str, "WN gains start at 1 (one, default) or at ||v|| (norm), "
+                                      "or are fixed at 1 (frozen)"),
     "--normprop-scale": ("normprop_scale", float,
                          "NormProp divides by this times ||W|| (1.21; 1.0: the seed paper)"),
     "--residual-scale": ("residual_scale", _residual_scale,

@@ -46,8 +46,11 @@ class SignalRecorder:
     def __init__(self, model):
         self._layers = []
         for name, layer in model.named_layers():
+            # "input": a layer that passes the network's input through (the deep
+            # linear network's Flatten), so that gains are measured from the input
             kind = "block" if getattr(layer, "block_output", False) else \
-                "unit" if getattr(layer, "unit_output", False) else None
+                "unit" if getattr(layer, "unit_output", False) else \
+                "input" if getattr(layer, "signal_input", False) else None
             if kind:
                 self._layers.append((name, kind, layer))
         self.clear()

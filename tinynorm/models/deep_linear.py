@@ -29,7 +29,9 @@ def deep_linear(depth=50, width=64, in_features=784, num_classes=10, norm="wn", 
     opts = opts or UnitOptions()
     rng = np.random.default_rng(seed)
     dims = [in_features] + [width] * (depth - 1) + [num_classes]
-    layers, names = [Flatten()], ["flatten"]
+    flatten = Flatten()
+    flatten.signal_input = True        # its output is the input: the gain's denominator
+    layers, names = [flatten], ["flatten"]
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
         layer = entry.linear_unit(d_in, d_out, last=i == depth, rng=rng, dtype=dtype, opts=opts)
         layer.unit_output = True

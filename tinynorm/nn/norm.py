@@ -48,10 +48,12 @@ WN_EPS = 1e-8
 #   "one"  -- g = 1: unit-norm filters whatever v's init; the paper's gamma, "a
 #             scale like BN's", and BN's gamma starts at 1 (the default);
 #   "norm" -- g = ||v||: w = v at the start, so the first-order WN update of w
-#             equals plain SGD's (tinynorm's default before caffe_xavier).
+#             equals plain SGD's (tinynorm's default before caffe_xavier);
+#   "frozen" -- g fixed at 1, not learned: w = v / ||v|| (a layer without the
+#             gain parameter; the linear study's control for what g does).
 # A number sets every g to it.  Salimans & Kingma's data-dependent init is
 # separate (``data_dependent_init``, the trainer's ``ddi``).
-WN_G_INITS = ("one", "norm")
+WN_G_INITS = ("one", "norm", "frozen")
 
 
 def _update_running(running, batch_stat, momentum):
@@ -288,7 +290,7 @@ class _WNLayer(Layer):
             raise ValueError(f"norm_scale must be > 0, got {norm_scale}")
         self.eps, self.norm_scale = eps, float(norm_scale)
         self.params["v"] = initialize(init, shape, rng, dtype)
-        if gain:
+        if gain and g_init != "frozen":
             if g_init == "norm":
                 # g = s ||v||: w = v at the start (WN starts from the init's weights)
                 axes = tuple(range(1, len(shape)))
@@ -299,7 +301,7 @@ class _WNLayer(Layer):
             elif isinstance(g_init, (int, float)) and not isinstance(g_init, bool):
                 g0 = np.full(shape[0], float(g_init))
             else:
-                raise ValueError(f"unknown g_init {g_init!r}; choose 'one', 'norm' or a number")
+                raise ValueError(f"unknown g_init {g_init!r}; choose 'one', 'norm', 'frozen' or a number")
             self.params["g"] = g0.astype(dtype)
         if bias:
             self.params["b"] = np.zeros(shape[0], dtype)
@@ -370,7 +372,8 @@ class WNConv2d(_WNLayer):
     gain : learn g (C_out,); False gives w = v / (||v|| + eps) (TReLU WN)
     bias : learn b (C_out,), start 0
     g_init : "one" (default; unit-norm filters), "norm" (g = ||v||, so w = v
-        starts as the init's weights) or a number (see ``WN_G_INITS``)
+        starts as the init's weights), "frozen" (no g: fixed at 1) or a number
+        (see ``WN_G_INITS``)
     eps : added to ||v|| (``WN_EPS``)
     norm_scale : s in w = g v / (s (||v|| + eps)); 1.21 in NormProp's units
 
