@@ -112,7 +112,8 @@ def main():
         plot_seeded_curves(curves, out, title=f"ResNet-50 ({args.preset} preset)")
         out4 = figure_path(args.preset, "fig3_resnet50", args.runs, "fig4_output_norms")
         plot_output_norms({k: v for k, v in curves.items() if k.endswith("_s0")}, out4,
-                          title=f"ResNet-50 output norms ({args.preset} preset, seed 0)")
+                          title=f"ResNet-50 output RMS ({args.preset} preset, seed 0)",
+                          rms=True)
         print(seed_table(curves, pairs=[("bn", "wn")]))
         print(f"figures: {out}, {out4}")
 

@@ -67,7 +67,7 @@ def main():
         plot_seeded_curves(curves, HERE / "fig3_resnet50.png", "ResNet-50 (cpu preset, seeds)")
         plot_output_norms({k: v for k, v in curves.items() if k.endswith("_s0")},
                           HERE / "fig4_output_norms.png",
-                          "ResNet-50 output norms (cpu preset, seed 0)")
+                          "ResNet-50 output RMS (cpu preset, seed 0)", rms=True)
         print(seed_table(curves, pairs=[("bn", "wn")]))
         drawn += ["fig3_resnet50.png", "fig4_output_norms.png"]
     if logs := logs_of("linear_divergence"):

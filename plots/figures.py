@@ -62,10 +62,41 @@ def plot_training_curves(logs: dict, out, title=""):
     _save(fig, out)
 
 
-def plot_output_norms(logs: dict, out, title=""):
+def probe_elements(cfg):
+    """{"first": n, "last": n}: the number of elements of the probed layers'
+    outputs for one sample, read off the model the configuration builds (one
+    eval-mode forward of a zero image)."""
+    from tinynorm.models import build_model
+    from tinynorm.train import unit_options
+    channels = 1 if cfg["dataset"] == "fashion-mnist" else 3
+    classes = 1000 if cfg["dataset"] == "imagenet" else 10
+    model = build_model(cfg["model"], cfg["norm"], in_channels=channels, num_classes=classes,
+                        width=cfg["width"], seed=0, stem=cfg.get("stem", "cifar"),
+                        opts=unit_options(cfg), depth=cfg.get("depth", 50),
+                        linear_width=cfg.get("linear_width", 64),
+                        in_features=channels * cfg["crop"] ** 2)
+    layers = dict(model.named_layers())
+    sizes = {}
+    for role, name in model.probe_layers.items():
+        layer = layers[name]
+        forward = layer.forward
+        layer.forward = lambda x, _f=forward, _r=role: _capture(sizes, _r, _f(x))
+    model.eval()
+    model(np.zeros((1, channels, cfg["crop"], cfg["crop"]), np.float32))
+    return {role: int(np.prod(y.shape[1:])) for role, y in sizes.items()}
+
+
+def _capture(store, role, y):
+    store[role] = y
+    return y
+
+
+def plot_output_norms(logs: dict, out, title="", rms=False):
     """Figure 4: ||output|| of the first and last layers over training; beside
     it, where the logs have it, the median over layers of the weight coherence
-    (the paper's footnote 2)."""
+    (the paper's footnote 2).  ``rms``: divide each norm by the square root of
+    the number of elements it is taken over (batch x the layer's output size),
+    so that layers of different sizes compare."""
     loaded = {name: read_log(path) for name, path in logs.items()}
     with_coherence = any(len(log.get("coherence", {}).get("iteration", []))
                          for log in loaded.values())
@@ -74,24 +105,31 @@ def plot_output_norms(logs: dict, out, title=""):
     cmap = plt.get_cmap("tab10")
     for i, (name, log) in enumerate(loaded.items()):
         norms = log["norms"]
-        label = label_of(name)
+        variant, seed = split_seed(name)
+        label = _variant_label(variant) if seed is not None else label_of(name)
         if log["status"] == "diverged":
             label += f" (diverged @ it {log['diverged_at']})"
-        color = color_of(name) or cmap(i % 10)
+        color = _variant_color(variant, i) if seed is not None else color_of(name) or cmap(i % 10)
+        scale = {"first": 1.0, "last": 1.0}
+        if rms:
+            n = probe_elements(log["config"])
+            scale = {r: 1.0 / np.sqrt(log["config"]["batch_size"] * n[r]) for r in scale}
         if len(norms.get("iteration", [])):
             # a run that diverged at once has a single record: draw it as a point
             marker = "o" if len(norms["iteration"]) < 3 else None
             for ax, role in zip(axes, ("first", "last")):
-                ax.plot(norms["iteration"], norms[role], label=label, color=color,
-                        marker=marker)
+                ax.plot(norms["iteration"], np.asarray(norms[role]) * scale[role], label=label,
+                        color=color, marker=marker)
         coh = log.get("coherence", {})
         if with_coherence and len(coh.get("iteration", [])):
             vals = np.atleast_2d(np.asarray(coh["value"], float))
             axes[2].plot(coh["iteration"], np.nanmedian(vals, axis=1), label=label, color=color,
                          marker="o" if len(vals) < 3 else None)
     for ax, role in zip(axes, ("first layer (stem)", "last residual block")):
-        ax.set(xlabel="iteration", ylabel="||output||_2 over the batch", yscale="log",
-               title=f"output norm, {role}")
+        ax.set(xlabel="iteration", yscale="log",
+               ylabel="||output||_2 / sqrt(elements): RMS over the batch" if rms
+               else "||output||_2 over the batch",
+               title=f"output {'RMS' if rms else 'norm'}, {role}")
     if with_coherence:
         axes[2].set(xlabel="iteration", ylabel="median over layers of max_{i!=j} |cos(w_i, w_j)|",
                     title="weight coherence (footnote 2)", ylim=(0, None))
@@ -447,11 +485,12 @@ def seed_table(logs: dict, pairs=()) -> str:
     for a, b in pairs:
         if a not in finals or b not in finals:
             continue
+        lines.append("")
         common = sorted(set(finals[a]) & set(finals[b]), key=lambda s: (s is None, s))
         for what in ("test", "clean", "gap"):
             diffs = [finals[a][s][what] - finals[b][s][what] for s in common]
             m, h = mean_ci(diffs)
-            lines.append(f"\npaired {a} - {b}, {what} top-1 by seed "
+            lines.append(f"paired {a} - {b}, {what} top-1 by seed "
                          f"({', '.join(str(s) for s in common)}): "
                          f"{', '.join(f'{d:+.2f}' for d in diffs)}; mean {m:+.2f}"
                          + ("" if not np.isfinite(h) else f" ± {h:.2f} (95% t)"))
@@ -505,11 +544,11 @@ def plot_seeded_curves(logs: dict, out, title=""):
         values = values[values > 0]
         if len(values):
             axes[0].set_ylim(values.min() / 1.5, values.max() * 1.5)
-    axes[0].set(xlabel="iteration", ylabel="training loss (moving average)", yscale="log",
-                title="training loss (train mode, augmented batches)")
+    axes[0].set(xlabel="iteration", ylabel="loss on augmented batches (moving average)",
+                yscale="log", title="training loss (train mode)")
     axes[1].set(xlabel="epoch", ylabel="top-1 on training images, %",
-                title="clean training accuracy (eval mode, no augmentation)")
-    axes[2].set(xlabel="epoch", ylabel="test top-1 accuracy, %", title="test accuracy")
+                title="clean training top-1 (eval mode)")
+    axes[2].set(xlabel="epoch", ylabel="test top-1 accuracy, %", title="test top-1")
     axes[3].set(xlabel="epoch", ylabel="clean training top-1 - test top-1, points",
                 title="generalization gap")
     for ax in axes:
@@ -518,6 +557,7 @@ def plot_seeded_curves(logs: dict, out, title=""):
     for ax in axes[1:]:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(title)
+    fig.tight_layout()
     _save(fig, out)
 
 

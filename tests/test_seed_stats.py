@@ -40,3 +40,15 @@ def test_table_has_every_seed_and_the_paired_differences(monkeypatch):
     assert "| bn | 0, 1 | completed | 70.00, 72.00 | 71.00 ± 12.71 | 99.00, 100.00 |" in table
     assert "| trelu | 0 | diverged @7 | 60.00 | 60.00 | 80.00 | 20.00 |" in table
     assert "paired bn - wn, test top-1 by seed (0, 1): +4.00, +3.00; mean +3.50 ± 6.35" in table
+
+
+def test_output_rms_divides_by_the_probed_layers_sizes():
+    from tinynorm.train import make_config
+    # ResNet-50 at width 0.25 on 28x28: the stem has 16 channels at 28x28, the last
+    # block 2048 * 0.25 = 512 channels at 4x4 (28 -> 14 -> 7 -> 4)
+    sizes = figures.probe_elements(make_config(dict(model="resnet50", norm="bn", width=0.25,
+                                                    crop=28)))
+    assert sizes == {"first": 16 * 28 * 28, "last": 512 * 4 * 4}
+    sizes = figures.probe_elements(make_config(dict(model="cifar10_nv", norm="wn", width=0.25,
+                                                    crop=28, dataset="cifar10")))
+    assert sizes["last"] == 10 * 5 * 5      # conv9: the classes at 5x5, pooled after
