@@ -109,9 +109,12 @@ def product_singular_values(model):
 
 def singular_value_table(runs, logs, args):
     """svd.json: for seed 0 of every cell and lr, the product's singular values
-    at init and, for a diverged run, one step before its divergence."""
-    from tinynorm.train import Trainer, read_log
+    at init and, for a diverged run, one step before its divergence.  Rank 0's
+    work under mpirun: its re-runs are single-process runs."""
     from pathlib import Path
+    from tinynorm.parallel import SingleProcess
+    from tinynorm.train import Trainer, read_log
+    alone = SingleProcess()
     first = seeds_first(args.seeds, args.preset)
     out = {}
     for name, path in logs.items():
@@ -123,11 +126,12 @@ def singular_value_table(runs, logs, args):
         if args.data_root:
             cfg["data_root"] = args.data_root
         row = {"status": log["status"], "diverged_at": log["diverged_at"]}
-        init = Trainer(dict(cfg, max_iters=1), resume=False, overwrite=True)
+        init = Trainer(dict(cfg, max_iters=1), resume=False, overwrite=True, comm=alone)
         row["init"] = product_singular_values(init.model)[:2]
         k = log["diverged_at"]
         if log["status"] == "diverged" and k >= 2:
-            before = Trainer(dict(cfg, max_iters=k - 1), resume=False, overwrite=True)
+            before = Trainer(dict(cfg, max_iters=k - 1), resume=False, overwrite=True,
+                             comm=alone)
             before.run()
             row["before_divergence"] = product_singular_values(before.model)[:2]
             row["before_divergence_iteration"] = k - 1

@@ -357,9 +357,9 @@ def test_an_experiment_script_under_mpirun_writes_its_figure_once(tmp_path):
     base = tmp_path / "smoke" / "linear_divergence"
     assert (base / "linear_divergence.png").exists()
     logs = sorted((base / "logs").glob("*.h5"))
-    assert len(logs) == 9
+    assert len(logs) == 12                  # 4 cells x 3 lrs, one seed
     # rank 0 alone reports: one line per variant
-    assert r.stdout.count("[linear_divergence] wn_lr1e-03: starting") == 1
+    assert r.stdout.count("[linear_divergence] wn_xavier_g1_lr1e-03_s0: starting") == 1
     import h5py
     with h5py.File(logs[0], "r") as f:
         assert int(f.attrs["ranks"]) == 2
