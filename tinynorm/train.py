@@ -51,101 +51,14 @@ from . import __version__, backend, ops
 from . import checkpoint as run_files
 from . import parallel
 from . import runconfig as config_checks
+from .runconfig import DEFAULTS, make_config, unit_options, upgrade_config
 from .backend import to_numpy
 from .diagnostics import SignalRecorder, weight_coherences
 from .models import build_model
 from .optim import SGD, LRSchedule
 from .progress import EpochProgress
 
-__all__ = ["DEFAULTS", "Trainer", "read_log", "evaluate", "make_config"]
-
-DEFAULTS = dict(
-    model="cifar10_nv",      # cifar10_nv | resnet50 | deep_linear
-    norm="bn",               # none | bn | wn | normprop | trelu (tinynorm.norms.norm_names())
-    init="caffe_xavier",     # caffe_xavier | glorot | he | orthogonal (tinynorm.nn.init; the paper's Caffe filler)
-    wn_g_init="one",         # WN gains start at 1 ("one"), at ||v|| ("norm"), or stay 1 ("frozen")
-    normprop_scale=1.21,     # NormProp divides by normprop_scale * ||W|| (1.0: the seed paper's formula)
-    residual_scale="auto",   # ResNet's act(s (branch + shortcut)): the norm's own s, or a number
-    dataset="fashion-mnist",  # fashion-mnist | cifar10 | imagenet
-    data_root=None,
-    width=1.0,               # channel multiplier (cifar10_nv, resnet50)
-    stem="cifar",            # resnet50 stem: cifar | imagenet
-    bn_chunk=None,           # BN statistics per chunk of this many samples
-    depth=50,                # deep_linear
-    linear_width=64,         # deep_linear
-    epochs=1,
-    max_iters=None,          # stop after this many iterations (the schedule still spans `epochs`)
-    batch_size=128,
-    lr=0.01,
-    schedule="linear",       # constant | linear | poly
-    lr_final=1e-5,
-    power=2.0,
-    warmup=0,
-    momentum=0.9,
-    weight_decay=0.0,
-    seed=0,
-    train_limit=None,        # use the first N of a seeded permutation of the training set
-    test_limit=None,
-    augment=True,            # random crop (+ flip) for training, centre crop for test
-    crop=28,
-    pad=2,                   # zero padding before the crop (Fashion-MNIST: 28 -> 32)
-    min_std=1.0,             # floor of the per-pixel std (grey levels) in the normalizer
-    flip=True,
-    ddi=False,               # WN data-dependent init on the first batch
-    dropout=0.0,             # resnet50: dropout with this p before the classifier (0: none)
-    dtype="float32",         # float32 | float64 (parameters, activations, gradients)
-    rank_timeout=600.0,      # data-parallel runs: abort all ranks when one is silent this long (s)
-    diverge_loss=100.0,
-    track_norms_every=0,     # record ||output|| of the first and last layers every k iterations
-    track_signal_every=0,    # record every unit's output RMS/mean and every layer's coherence
-    eval_every=1,            # evaluate on the test set every k epochs (and at the end)
-    clean_eval_size=10000,   # and on this many fixed training images, eval mode, unaugmented (0: off)
-    eval_batch_size=500,
-    out="runs/default",
-    progress=True,
-    device="cpu",            # cpu | gpu: where the model, optimizer state and batches live
-)
-
-
-# What a log written before these keys existed ran with (its "xavier" was Glorot's).
-_LEGACY = dict(init="glorot", wn_g_init="norm", normprop_scale=1.0)
-
-
-def upgrade_config(cfg: dict) -> dict:
-    """A logged configuration as today's keys say it: logs written before the
-    norm registry have no ``init`` (they ran Glorot's init, WN gains started at
-    ||v||, NormProp without its 1.21, and ResNet's TReLU WN blocks with the
-    residual sum scaled by 1/sqrt(2)); ``init = "xavier"`` meant Glorot's."""
-    cfg = dict(cfg)
-    if "init" not in cfg:
-        for key, value in _LEGACY.items():
-            cfg.setdefault(key, value)
-        if cfg.get("model") == "resnet50" and cfg.get("norm") in ("normprop", "trelu"):
-            cfg.setdefault("residual_scale", 1.0 / math.sqrt(2.0))
-    if cfg.get("init") == "xavier":
-        cfg["init"] = "glorot"
-    return cfg
-
-
-def unit_options(cfg: dict) -> dict:
-    """The model-building keys of a configuration (tinynorm.norms.UnitOptions)."""
-    return {k: cfg[k] for k in ("init", "wn_g_init", "normprop_scale", "residual_scale",
-                                "bn_chunk")}
-
-
-def make_config(overrides=None, base=None) -> dict:
-    """DEFAULTS, then ``base`` (e.g. a TOML file), then ``overrides`` (flags)."""
-    cfg = dict(DEFAULTS)
-    for layer in (base or {}), (overrides or {}):
-        for key, value in layer.items():
-            if key not in DEFAULTS:
-                raise KeyError(f"unknown configuration key {key!r}; known keys: "
-                               f"{', '.join(sorted(DEFAULTS))}")
-            if value is not None or key in ("max_iters", "bn_chunk", "train_limit",
-                                             "test_limit", "data_root"):
-                cfg[key] = value
-    return cfg
-
+__all__ = ["DEFAULTS", "Trainer", "read_log", "evaluate", "make_config", "upgrade_config"]
 
 # --------------------------------------------------------------------------- data
 
