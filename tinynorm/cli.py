@@ -159,16 +159,16 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .runfiles import CHECKPOINT, read_checkpoint
     from .train import Trainer, evaluate
     run = Path(args.run)
-    ckpt = run / "checkpoint.h5" if run.is_dir() else run
-    ck = Trainer._read_checkpoint(ckpt)        # verified; the configuration comes from it
+    ckpt = run / CHECKPOINT if run.is_dir() else run
+    ck = read_checkpoint(ckpt)                 # verified; the configuration comes from it
     cfg = dict(ck["config"], out=str(ckpt.parent), progress=False)
     if args.device is not None:                # e.g. a GPU run evaluated on the CPU
         cfg["device"] = args.device
     trainer = Trainer(cfg)
-    trainer._ckpt = ck
-    trainer.load_checkpoint(ckpt)
+    trainer.load_checkpoint(ck)
     cfg = trainer.cfg
     loss, top1, top5 = evaluate(trainer.model, trainer.data.test_batches(cfg["eval_batch_size"]))
     print(f"{ckpt}: test loss {loss:.4f}  top-1 {top1:.2f}%  top-5 {top5:.2f}% "
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- every error becomes one line unless --debug
         if debug:
             raise
-        from .checkpoint import CheckpointError
+        from .runfiles import CheckpointError
         from .parallel import ParallelError
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, (CheckpointError, ParallelError)):

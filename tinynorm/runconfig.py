@@ -40,7 +40,7 @@ from .ops.normprop import NORMPROP_SCALE
 
 __all__ = ["ConfigError", "Key", "KEYS", "DEFAULTS", "SPECS", "RESUME_ALLOWED", "UnitOptions",
            "add_key", "remove_key", "make_config", "validate", "resume_changes", "upgrade_config",
-           "unit_options", "keys", "SECTIONS"]
+           "unit_options", "keys", "SECTIONS", "check_batch_split"]
 
 
 class ConfigError(ValueError):
@@ -449,6 +449,20 @@ def resume_changes(saved: dict, requested: dict, *, where: str = "the checkpoint
                 f"change; start a new run in another directory, or pass --overwrite)")
         changes.append((key, old, new))
     return changes
+
+
+def check_batch_split(cfg: dict, ranks: int) -> None:
+    """ConfigError unless the global batch (and its BN chunks) split evenly over ``ranks``."""
+    batch = cfg["batch_size"]
+    if batch % ranks:
+        raise ConfigError(
+            f"batch_size {batch} is not divisible by the {ranks} ranks (batch_size is the "
+            f"global batch; every rank takes batch_size / ranks samples)")
+    chunk = cfg["bn_chunk"]
+    if chunk and (batch // ranks) % chunk:
+        raise ConfigError(
+            f"bn_chunk {chunk} does not divide the {batch // ranks} samples of each of "
+            f"the {ranks} ranks")
 
 
 def upgrade_config(cfg: dict) -> dict:
