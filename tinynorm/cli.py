@@ -255,7 +255,8 @@ def _cmd_signal(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from . import __version__, backend, config
+    from . import __version__, backend
+    from .settings import current as current_settings
     from .ops.conv import cudnn
     v = backend.versions()
     print(f"tinynorm {__version__}")
@@ -269,7 +270,7 @@ def _cmd_info(args) -> int:
     ok, reason = cudnn.status()
     print(f"cuDNN: {cudnn.version()} (through the cuDNN frontend)" if ok
           else f"cuDNN: unavailable: {reason}")
-    settings = config.current()
+    settings = current_settings()
     if v["gpu_unusable"]:
         path = "none (no GPU; CPU convolutions take the numba plans, see tinynorm.ops.conv_plan)"
     elif settings.force_generic or not settings.use_cudnn:
