@@ -153,3 +153,12 @@ def test_the_committed_log_formats_read(log):
     assert run["status"] in ("completed", "diverged", "interrupted")
     cfg = runconfig.validate(make_config(base=run["config"]))
     assert set(cfg) == set(DEFAULTS)
+
+
+def test_bn_eps_is_one_row_and_reaches_every_bn_layer():
+    assert DEFAULTS["bn_eps"] == 1e-5 and parse("train", "--bn-eps", "1e-3").bn_eps == 1e-3
+    for name, kw in (("cifar10_nv", {}), ("deep_linear", dict(in_features=8, depth=3))):
+        model = build_model(name, "bn", in_channels=1, num_classes=10, width=1 / 16,
+                            opts=runconfig.unit_options(make_config({"bn_eps": 1e-3})), **kw)
+        eps = [layer.eps for _, layer in model.named_layers() if isinstance(layer, nn.BatchNorm)]
+        assert eps and set(eps) == {1e-3}

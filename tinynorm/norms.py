@@ -180,15 +180,15 @@ register_norm(Norm(
 
 def _bn_linear(d_in, d_out, *, last, rng, dtype, opts):
     layer = _plain_linear(d_in, d_out, last=last, rng=rng, dtype=dtype, opts=opts)
-    return layer if last else nn.Sequential(layer, nn.BatchNorm(d_out, chunk=opts.bn_chunk,
-                                                                dtype=dtype))
+    return layer if last else nn.Sequential(layer, nn.BatchNorm(
+        d_out, eps=opts.bn_eps, chunk=opts.bn_chunk, dtype=dtype))
 
 
 register_norm(Norm(
     "bn", "BN", "tab:blue",
     conv_unit=lambda c_in, c_out, k, s, p, *, rng, dtype, opts: [
         nn.Conv2d(c_in, c_out, k, s, p, bias=False, rng=rng, init=opts.init, dtype=dtype),
-        nn.BatchNorm(c_out, chunk=opts.bn_chunk, dtype=dtype)],
+        nn.BatchNorm(c_out, eps=opts.bn_eps, chunk=opts.bn_chunk, dtype=dtype)],
     activation=_relu, head=_plain_head, linear_unit=_bn_linear,
     cifar10_nv_units=("conv3", "conv6"),
     profile_categories={"BatchNorm": "batch norm"},

@@ -269,6 +269,7 @@ KEYS = {k.name: k for k in (
     _k("stem", "cifar", choice(("cifar", "imagenet")), "resnet50's stem", section=M),
     _k("bn_chunk", None, integer(1, none=True),
        "BN statistics per chunk of this many samples", section=M, unit=True),
+    _k("bn_eps", 1e-5, real(gt=0), "BN's eps, added to the variance", section=M, unit=True),
     _k("depth", 50, integer(2), "deep_linear's depth", section=M),
     _k("linear_width", 64, integer(1), "deep_linear's hidden units", section=M),
     # more epochs: the schedule is re-spanned
