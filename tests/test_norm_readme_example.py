@@ -63,3 +63,5 @@ def test_readme_example_runs(capsys):
     # the example's own checks ran: the layer, the results and the losses exist
     assert namespace["losses"][-1] < namespace["losses"][0]
     assert all(r.passed for r in namespace["results"])
+    # the norm's own option was a flag, a configuration key and a unit option
+    assert namespace["run"]["config"]["rms_eps"] == 1e-4

@@ -20,4 +20,5 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from . import config  # noqa: E402,F401  the scoped settings: tinynorm.config.using(...)
+from . import settings  # noqa: E402,F401  the scoped settings: tinynorm.settings.using(...)
+from . import config  # noqa: E402,F401  its earlier name

@@ -55,16 +55,6 @@ def _positive_int(text):
     return value
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def _chw(text):
     parts = text.lower().split("x")
     try:
@@ -82,72 +72,48 @@ def _cmd_gradcheck(args) -> int:
     return selfcheck.main(rtol=args.rtol)
 
 
-def _residual_scale(text):
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _config_flags(p, rows, *, checked=False, defaults=None):
+    """One option per row of the run-configuration table (tinynorm.runconfig), in
+    groups by section: ``--batch-size`` for ``batch_size``, ``--x`` / ``--no-x`` for
+    a boolean key.  ``defaults``: the value of an option not given (None: the key is
+    left out, so a TOML file or a resumed run's checkpoint decides).  ``checked``:
+    the value is checked by the row here (a bad one is a usage error) rather than
+    with the whole configuration later."""
+    from .runconfig import SECTIONS, ConfigError, boolean
+    groups = {}
+    for row in rows:
+        group = groups.get(row.section)
+        if group is None:
+            group = groups[row.section] = p.add_argument_group(SECTIONS[row.section])
+        default = None if defaults is None else defaults[row.name]
+        if row.check is boolean:
+            group.add_argument(row.flag, dest=row.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=row.describe(*([] if defaults is None else [default])))
+            continue
+        parse = row.check.parse
+        if checked:
+            def parse(text, row=row, read=parse):
+                try:
+                    return row.check(row.name, read(text))
+                except ConfigError as e:
+                    raise argparse.ArgumentTypeError(e.short) from None
+                except ValueError:
+                    raise argparse.ArgumentTypeError(
+                        f"invalid {read.__name__} value: {text!r}") from None
+            parse.__name__ = row.check.parse.__name__
+        group.add_argument(row.flag, dest=row.name, type=parse, default=default,
+                           help=row.describe(*([] if defaults is None else [default])))
 
 
-def _norm_help():
-    from .norms import norm_names
-    return " | ".join(norm_names()) + " (tinynorm.norms registry)"
+def _config_overrides(args) -> dict:
+    """The configuration keys given on the command line."""
+    from .runconfig import KEYS
+    return {key: getattr(args, key) for key in KEYS if getattr(args, key, None) is not None}
 
 
-# flag name -> (config key, type, help)
-TRAIN_FLAGS = {
-    "--model": ("model", str, "cifar10_nv | resnet50 | deep_linear"),
-    "--norm": ("norm", str, None),   # help from the registry, when the parser is built
-    "--init": ("init", str, "weight init: caffe_xavier (Caffe's filler, default) | glorot | he "
-                            "| orthogonal"),
-    "--wn-g-init": ("wn_g_init", str, "WN gains start at 1 (one, default) or at ||v|| (norm), "
-                                      "or are fixed at 1 (frozen)"),
-    "--normprop-scale": ("normprop_scale", float,
-                         "NormProp divides by this times ||W|| (1.21; 1.0: the seed paper)"),
-    "--residual-scale": ("residual_scale", _residual_scale,
-                         "ResNet residual sum scale: auto (the norm's own) or a number"),
-    "--dataset": ("dataset", str, "fashion-mnist | cifar10 | imagenet"),
-    "--data-root": ("data_root", str, "directory holding the data set files"),
-    "--width": ("width", float, "channel multiplier"),
-    "--stem": ("stem", str, "resnet50 stem: cifar | imagenet"),
-    "--bn-chunk": ("bn_chunk", int, "BN statistics per chunk of this many samples"),
-    "--depth": ("depth", int, "deep_linear depth"),
-    "--linear-width": ("linear_width", int, "deep_linear hidden units"),
-    "--epochs": ("epochs", int, "number of epochs"),
-    "--max-iters": ("max_iters", int, "stop after this many iterations"),
-    "--batch-size": ("batch_size", int, "mini-batch size"),
-    "--lr": ("lr", float, "initial learning rate"),
-    "--schedule": ("schedule", str, "constant | linear | poly"),
-    "--lr-final": ("lr_final", float, "final learning rate of linear/poly decay"),
-    "--power": ("power", float, "power of the poly schedule"),
-    "--warmup": ("warmup", int, "warm-up iterations"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "weight decay (w and v only)"),
-    "--seed": ("seed", int, "seed of init, data order and augmentation"),
-    "--train-limit": ("train_limit", int, "use N training images"),
-    "--test-limit": ("test_limit", int, "use N test images"),
-    "--min-std": ("min_std", float, "floor of the per-pixel std in the input normalizer"),
-    "--diverge-loss": ("diverge_loss", float, "loss above which the run counts as diverged"),
-    "--track-norms-every": ("track_norms_every", int, "record output norms every k iterations"),
-    "--track-signal-every": ("track_signal_every", int,
-                             "record unit output RMS/mean and weight coherence every k iterations"),
-    "--eval-every": ("eval_every", int, "evaluate every k epochs"),
-    "--clean-eval-size": ("clean_eval_size", int,
-                          "evaluate also on this many fixed training images, eval mode, no "
-                          "augmentation (train_top1_clean; 0: off; default 10000)"),
-    "--dropout": ("dropout", float, "resnet50: dropout p before the classifier (default 0)"),
-    "--dtype": ("dtype", str, "float32 (default) | float64"),
-    "--rank-timeout": ("rank_timeout", float,
-                       "under mpirun: abort all ranks when one is silent this many seconds"),
-    "--out": ("out", str, "run directory (log.h5, checkpoint.h5)"),
-    "--device": ("device", str, "cpu | gpu: where the model, optimizer state and batches "
-                                "live (default cpu)"),
-}
+# tinynorm profile: the model's keys, the batch and the device, with these defaults
+PROFILE_KEYS = ("batch_size", "device")
+PROFILE_DEFAULTS = dict(model="resnet50")
 
 
 def load_config_file(path) -> dict:
@@ -165,13 +131,7 @@ def load_config_file(path) -> dict:
 def _cmd_train(args) -> int:
     from .train import Trainer
     base = load_config_file(args.config) if args.config else {}
-    overrides = {key: getattr(args, key) for key, _, _ in TRAIN_FLAGS.values()
-                 if getattr(args, key) is not None}
-    for flag, key in (("no_augment", "augment"), ("no_progress", "progress")):
-        if getattr(args, flag):
-            overrides[key] = False
-    if args.ddi:
-        overrides["ddi"] = True
+    overrides = _config_overrides(args)
     # on --resume the checkpoint's configuration is the base; what the file and the
     # flags give is checked against it (tinynorm.runconfig.RESUME_ALLOWED)
     trainer = Trainer(dict(base, **overrides), resume=args.resume, overwrite=args.overwrite)
@@ -199,16 +159,16 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .runfiles import CHECKPOINT, read_checkpoint
     from .train import Trainer, evaluate
     run = Path(args.run)
-    ckpt = run / "checkpoint.h5" if run.is_dir() else run
-    ck = Trainer._read_checkpoint(ckpt)        # verified; the configuration comes from it
+    ckpt = run / CHECKPOINT if run.is_dir() else run
+    ck = read_checkpoint(ckpt)                 # verified; the configuration comes from it
     cfg = dict(ck["config"], out=str(ckpt.parent), progress=False)
     if args.device is not None:                # e.g. a GPU run evaluated on the CPU
         cfg["device"] = args.device
     trainer = Trainer(cfg)
-    trainer._ckpt = ck
-    trainer.load_checkpoint(ckpt)
+    trainer.load_checkpoint(ck)
     cfg = trainer.cfg
     loss, top1, top5 = evaluate(trainer.model, trainer.data.test_batches(cfg["eval_batch_size"]))
     print(f"{ckpt}: test loss {loss:.4f}  top-1 {top1:.2f}%  top-5 {top5:.2f}% "
@@ -231,14 +191,14 @@ def _cmd_profile(args) -> int:
     from .backend import check_device, to_device
     from .models import build_model
     from .profile import format_profile, profile_step
+    from .runconfig import unit_options
     device = check_device(args.device)         # before the model is built
     c, h, w = (int(v) for v in args.input.split("x"))
     model = build_model(args.model, args.norm, in_channels=c, num_classes=args.classes,
                         width=args.width, stem=args.stem, bn_chunk=args.bn_chunk,
-                        in_features=c * h * w,
-                        opts=dict(init=args.init, wn_g_init=args.wn_g_init,
-                                  normprop_scale=args.normprop_scale,
-                                  residual_scale=args.residual_scale)).to(device)
+                        depth=args.depth, linear_width=args.linear_width,
+                        dropout=args.dropout, in_features=c * h * w,
+                        opts=unit_options(vars(args))).to(device)
     rng = np.random.default_rng(0)
     x = to_device(rng.standard_normal((args.batch_size, c, h, w)).astype(np.float32), device)
     y = to_device(rng.integers(0, args.classes, args.batch_size), device)
@@ -257,8 +217,7 @@ def _cmd_signal(args) -> int:
 
     from .diagnostics import format_signal, measure_signal, weight_coherences
     from .train import Trainer, make_config, read_log
-    overrides = {key: getattr(args, key) for key, _, _ in TRAIN_FLAGS.values()
-                 if getattr(args, key, None) is not None}
+    overrides = _config_overrides(args)
     if args.run:
         run = Path(args.run)
         ckpt = run / "checkpoint.h5" if run.is_dir() else run
@@ -296,7 +255,8 @@ def _cmd_signal(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from . import __version__, backend, config
+    from . import __version__, backend
+    from .settings import current as current_settings
     from .ops.conv import cudnn
     v = backend.versions()
     print(f"tinynorm {__version__}")
@@ -310,7 +270,7 @@ def _cmd_info(args) -> int:
     ok, reason = cudnn.status()
     print(f"cuDNN: {cudnn.version()} (through the cuDNN frontend)" if ok
           else f"cuDNN: unavailable: {reason}")
-    settings = config.current()
+    settings = current_settings()
     if v["gpu_unusable"]:
         path = "none (no GPU; CPU convolutions take the numba plans, see tinynorm.ops.conv_plan)"
     elif settings.force_generic or not settings.use_cudnn:
@@ -327,12 +287,9 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _add_train_flags(p):
-    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_ or _norm_help())
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # the run configuration's table, with the rows of every norm registered by now
+    from .runconfig import DEFAULTS, KEYS, RESUME_ALLOWED, keys
     parser = _Parser(prog="tinynorm", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--import", dest="imports", action="append", default=[],
@@ -346,18 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration")
     p.add_argument("--config", help="TOML file with the run's keys (flags override it)")
-    _add_train_flags(p)
-    p.add_argument("--no-augment", action="store_true", help="no random crop/flip")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--ddi", action="store_true", help="WN data-dependent init")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.h5 with its configuration (only "
-                            "epochs, max-iters, eval-every, track-norms-every, out, "
-                            "data-root and progress may change)")
+                            + ", ".join(KEYS[k].flag[2:] for k in RESUME_ALLOWED)
+                            + " may change)")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run in OUT (without it a directory holding a run "
                             "is refused)")
+    _config_flags(p, keys())
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on the test set")
@@ -366,30 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("profile", help="time per layer type of a training step (Figure 1)")
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--norm", default="bn")
-    p.add_argument("--width", type=_positive_float, default=1.0)
-    p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"))
-    p.add_argument("--bn-chunk", type=_positive_int, default=None)
     p.add_argument("--classes", type=_positive_int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--input", default="3x32x32", type=_chw, help="CxHxW")
     p.add_argument("--steps", type=_positive_int, default=3)
-    p.add_argument("--init", default="caffe_xavier")
-    p.add_argument("--wn-g-init", dest="wn_g_init", default="one")
-    p.add_argument("--normprop-scale", dest="normprop_scale", type=_positive_float,
-                   default=1.21)
-    p.add_argument("--residual-scale", dest="residual_scale", type=_residual_scale,
-                   default="auto")
-    p.add_argument("--device", default="cpu", help="cpu | gpu (default cpu)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    _config_flags(p, keys("model") + tuple(KEYS[k] for k in PROFILE_KEYS), checked=True,
+                  defaults=dict(DEFAULTS, **PROFILE_DEFAULTS))
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("signal", help="RMS and mean of every conv unit's and residual "
                                       "block's output on a real batch; weight coherence")
     p.add_argument("run", nargs="?", help="a run directory (or its checkpoint.h5); "
                                           "default: a fresh model from the flags")
-    _add_train_flags(p)
+    _config_flags(p, keys())
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.set_defaults(func=_cmd_signal)
 
@@ -456,7 +399,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- every error becomes one line unless --debug
         if debug:
             raise
-        from .checkpoint import CheckpointError
+        from .runfiles import CheckpointError
         from .parallel import ParallelError
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, (CheckpointError, ParallelError)):

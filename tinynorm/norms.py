@@ -17,8 +17,8 @@ normprop   WNConv2d(v, g=gamma, b=beta, norm x 1.21) -> NormPropReLU   1/sqrt(2)
 trelu      WNConv2d(v only: w = v/||v||) -> TReLU(alpha)               1
 =========  ==========================================================  ==========
 
-How the units start (``UnitOptions``; the run configuration's keys of the
-same names): weights from ``init`` (Caffe's xavier filler by default, see
+How the units start (``UnitOptions``: the run configuration's unit keys,
+rows of :mod:`tinynorm.runconfig`): weights from ``init`` (Caffe's xavier filler by default, see
 :mod:`tinynorm.nn.init`); WN gains g from ``wn_g_init`` ("one": unit-norm
 filters, the paper's gamma started like BN's; "norm": g = ||v||); NormProp's
 norm scale ``normprop_scale`` (1.21, as its authors ran it; 1.0 is the seed
@@ -42,39 +42,16 @@ average pool.  Every hidden unit is w = v/||v|| followed by the TReLU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from . import nn
-from .nn.init import DEFAULT_INIT, INITS
-from .ops.normprop import NORMPROP_SCALE
+from . import nn, runconfig
+from .runconfig import Key, UnitOptions
 
-__all__ = ["Norm", "UnitOptions", "register_norm", "get_norm", "norm_names", "conv_unit",
+__all__ = ["Norm", "Key", "UnitOptions", "register_norm", "get_norm", "norm_names", "conv_unit",
            "activation", "residual_scale", "label_of", "color_of", "NORM_REGISTRY"]
-
-
-@dataclass(frozen=True)
-class UnitOptions:
-    """How the units of a model start; the run configuration's keys of the same names."""
-    init: str = DEFAULT_INIT              # caffe_xavier | glorot | he
-    wn_g_init: str = "one"                # one | norm
-    normprop_scale: float = NORMPROP_SCALE
-    residual_scale: object = "auto"       # "auto" or a number
-    bn_chunk: Optional[int] = None        # BN statistics per chunk of this many samples
-
-    def __post_init__(self):
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose from {sorted(INITS)}")
-        if self.wn_g_init not in nn.WN_G_INITS:
-            raise ValueError(f"unknown wn_g_init {self.wn_g_init!r}; choose from "
-                             f"{list(nn.WN_G_INITS)}")
-        if not (isinstance(self.normprop_scale, (int, float)) and self.normprop_scale > 0):
-            raise ValueError(f"normprop_scale must be a number > 0, got {self.normprop_scale!r}")
-        if self.residual_scale != "auto" and not (
-                isinstance(self.residual_scale, (int, float)) and self.residual_scale > 0):
-            raise ValueError(f"residual_scale must be 'auto' or a number > 0, got "
-                             f"{self.residual_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +70,9 @@ class Norm:
     residual_scale: s of ResNet's act(s (branch + shortcut))
     profile_categories: layer class name -> Figure 1 category for the classes
         this norm adds
+    options: rows (:class:`tinynorm.runconfig.Key`) of the norm's own options:
+        registering the norm makes each a configuration key, a unit option
+        (``opts.<name>`` in its builders) and a command-line flag
     """
     name: str
     label: str
@@ -106,6 +86,7 @@ class Norm:
     cifar10_nv_units: Optional[tuple] = None
     profile_categories: dict = field(default_factory=dict)
     description: str = ""
+    options: tuple = ()
 
 
 NORM_REGISTRY: dict = {}
@@ -114,6 +95,9 @@ NORM_REGISTRY: dict = {}
 def register_norm(norm: Norm, *, replace=False) -> Norm:
     if not replace and norm.name in NORM_REGISTRY:
         raise ValueError(f"norm {norm.name!r} is already registered (pass replace=True)")
+    for key in norm.options:      # the norm's options: configuration keys and unit options
+        runconfig.add_key(dataclasses.replace(key, unit=True, section="model"),
+                          owner=f"norm {norm.name}", replace=replace)
     NORM_REGISTRY[norm.name] = norm
     return norm
 
@@ -196,15 +180,15 @@ register_norm(Norm(
 
 def _bn_linear(d_in, d_out, *, last, rng, dtype, opts):
     layer = _plain_linear(d_in, d_out, last=last, rng=rng, dtype=dtype, opts=opts)
-    return layer if last else nn.Sequential(layer, nn.BatchNorm(d_out, chunk=opts.bn_chunk,
-                                                                dtype=dtype))
+    return layer if last else nn.Sequential(layer, nn.BatchNorm(
+        d_out, eps=opts.bn_eps, chunk=opts.bn_chunk, dtype=dtype))
 
 
 register_norm(Norm(
     "bn", "BN", "tab:blue",
     conv_unit=lambda c_in, c_out, k, s, p, *, rng, dtype, opts: [
         nn.Conv2d(c_in, c_out, k, s, p, bias=False, rng=rng, init=opts.init, dtype=dtype),
-        nn.BatchNorm(c_out, chunk=opts.bn_chunk, dtype=dtype)],
+        nn.BatchNorm(c_out, eps=opts.bn_eps, chunk=opts.bn_chunk, dtype=dtype)],
     activation=_relu, head=_plain_head, linear_unit=_bn_linear,
     cifar10_nv_units=("conv3", "conv6"),
     profile_categories={"BatchNorm": "batch norm"},

@@ -40,7 +40,7 @@ import numpy as np
 
 from .backend import get_array_module, to_numpy
 
-__all__ = ["ParallelError", "world", "launched_size", "launched_rank", "SingleProcess", "MPIComm",
+__all__ = ["ParallelError", "check_ranks_agree", "ranks_differ", "world", "launched_size", "launched_rank", "SingleProcess", "MPIComm",
            "StepReducer", "together", "state_checksum", "limit_threads", "use_local_gpu",
            "describe"]
 
@@ -376,3 +376,29 @@ class Watchdog:
             self._since = None
         return False
 
+
+
+def check_ranks_agree(comm, cfg: dict, what: str) -> None:
+    """ParallelError on every rank naming the keys in which the ranks' ``cfg`` differ."""
+    all_cfgs = comm.allgather(cfg)
+    differ = []
+    for rank, other in enumerate(all_cfgs):
+        for key in sorted(set(other) | set(all_cfgs[0])):
+            if other.get(key) != all_cfgs[0].get(key):
+                differ.append(f"{key!r} is {all_cfgs[0].get(key)!r} on rank 0 but "
+                              f"{other.get(key)!r} on rank {rank}")
+    if differ:
+        raise ParallelError(f"the ranks were started with different {what}s: "
+                            + "; ".join(differ[:5]))
+
+
+def ranks_differ(comm, model, iteration):
+    """None when every rank's parameters and buffers are rank 0's (their checksums
+    agree), else a message naming the ranks that differ."""
+    sums = comm.allgather(state_checksum(model))
+    bad = [r for r, c in enumerate(sums) if c != sums[0]]
+    if not bad:
+        return None
+    return (f"the parameters of rank(s) {', '.join(map(str, bad))} differ from "
+            f"rank 0's at iteration {iteration} (checksums "
+            f"{', '.join(f'{c:08x}' for c in sums)}); the run stops")

@@ -10,8 +10,13 @@ from ..norms import UnitOptions, activation, conv_unit, norm_names, residual_sca
 
 __all__ = ["NORMS", "conv_unit", "activation", "Bottleneck"]
 
-# the built-in norms (the registry may hold more: tinynorm.norms.norm_names())
-NORMS = norm_names()
+
+
+def __getattr__(name):
+    # NORMS: the registry's norms when asked (a norm registered later is one of them)
+    if name == "NORMS":
+        return norm_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Bottleneck(Layer):

@@ -23,7 +23,6 @@ conv9 -> TReLU -> ScaleShift (the entry's ``output_layer``).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 
@@ -50,7 +49,7 @@ def cifar10_nv(norm="bn", in_channels=3, num_classes=10, width=1.0, *, seed=0,
         raise ValueError(f"width must be positive, got {width}")
     opts = opts or UnitOptions()
     if bn_chunk is not None:
-        opts = replace(opts, bn_chunk=bn_chunk)
+        opts = opts.replace(bn_chunk=bn_chunk)
     rng = np.random.default_rng(seed)
     layers, names = [], []
     c_in = in_channels

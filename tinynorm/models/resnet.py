@@ -17,7 +17,6 @@ only (see :class:`tinynorm.models.blocks.Bottleneck` and :mod:`tinynorm.norms`).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 
@@ -37,7 +36,7 @@ def resnet(norm="bn", depths=STAGES_50, num_classes=1000, stem="imagenet", width
         raise ValueError(f"unknown stem {stem!r}; choose 'imagenet' or 'cifar'")
     opts = opts or UnitOptions()
     if bn_chunk is not None:
-        opts = replace(opts, bn_chunk=bn_chunk)
+        opts = opts.replace(bn_chunk=bn_chunk)
     rng = np.random.default_rng(seed)
     unit = dict(rng=rng, dtype=dtype, opts=opts)
     ch = lambda c: max(1, int(round(c * width)))  # noqa: E731

@@ -19,8 +19,8 @@ each on its own slice, with one join at the end:
   split along it (each thread's partial product summed at the end).
 
 Small products (fewer multiply-adds than the ``split_min_flops`` setting of
-:mod:`tinynorm.config`) run on one BLAS thread.  The worker threads run each
-job in a copy of the caller's context, so the caller's ``config.using`` scope
+:mod:`tinynorm.settings`) run on one BLAS thread.  The worker threads run each
+job in a copy of the caller's context, so the caller's ``settings.using`` scope
 holds inside the jobs.
 
 T is NumPy's OpenBLAS's own thread count at the time of the call (so
@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .. import config
+from .. import settings
 
 __all__ = ["matmul", "matmul_nt_sum", "blas_threads", "threads_for", "run_threads"]
 
@@ -177,7 +177,7 @@ def threads_for(flops, min_flops=None):
     ``min_flops`` (default: the ``split_min_flops`` setting), no OpenBLAS, or
     a call made while another split runs."""
     if min_flops is None:
-        min_flops = config.current().split_min_flops
+        min_flops = settings.current().split_min_flops
     if flops < min_flops:
         return 1
     n = blas_threads()
@@ -187,7 +187,7 @@ def threads_for(flops, min_flops=None):
 
 
 def _split_threads(*arrays, flops):
-    if flops < config.current().split_min_flops:
+    if flops < settings.current().split_min_flops:
         return 1
     if not all(isinstance(a, np.ndarray) and a.dtype.kind == "f" for a in arrays):
         return 1
@@ -212,7 +212,7 @@ def matmul(a, b, out=None):
     threads = _split_threads(a, b, flops=m * n * k)
     axis = 1 if b.ndim == 2 else 0
     if threads == 1 or b.shape[axis] < 2 * threads:
-        if m * n * k < config.current().split_min_flops:
+        if m * n * k < settings.current().split_min_flops:
             return _single_threaded(lambda: np.matmul(a, b, out=out))
         return np.matmul(a, b, out=out)
     if out is None:
@@ -235,7 +235,7 @@ def matmul_nt_sum(a, b):
     n = b.shape[0]
     threads = _split_threads(a, b, flops=m * n * length)
     if threads == 1 or length < 2 * threads:
-        if m * n * length < config.current().split_min_flops:
+        if m * n * length < settings.current().split_min_flops:
             return _single_threaded(lambda: np.matmul(a, b.T))
         return np.matmul(a, b.T)
     # each slice as (b_s @ a_s.T).T: OpenBLAS handles this orientation better

@@ -38,7 +38,8 @@ import numba
 import numpy as np
 from numba import njit, prange, uint64
 
-from .. import backend, config
+from .. import backend
+from ..settings import current as current_settings, numba_enabled
 
 __all__ = [
     "pair", "conv_outsize", "window_geometry", "im2col", "col2im",
@@ -292,7 +293,7 @@ def blas_workers_spin() -> bool:
 def launch(kernel, n_iter, work, *args):
     """Run a ``parallel=True`` numba kernel whose prange has ``n_iter`` iterations.
 
-    The policy is three settings of :mod:`tinynorm.config`.  It runs on the
+    The policy is three settings of :mod:`tinynorm.settings`.  It runs on the
     calling thread only (the kernel's :func:`serial_twin` if it has one, else
     the kernel with numba at one thread) when the job is small (``work`` elements <
     ``parallel_min_work``: waking a second thread costs more than it saves)
@@ -303,7 +304,7 @@ def launch(kernel, n_iter, work, *args):
     slowed down by a competing process takes fewer chunks instead of holding
     up the whole kernel (``chunks_per_thread=0``: numba's static split).
     """
-    settings = config.current()
+    settings = current_settings()
     n_threads = numba.get_num_threads()
     parallel = settings.parallel_kernels
     if parallel == "auto":
@@ -333,7 +334,7 @@ def _fast_ok(*arrays):
 def numba_ok(*arrays):
     """True when the numba kernels may run on ``arrays``: NumPy float32 /
     float64 arrays, with the ``use_numba`` setting on and ``force_generic`` off."""
-    return config.numba_enabled() and _fast_ok(*arrays)
+    return numba_enabled() and _fast_ok(*arrays)
 
 
 def im2col(x, kernel, stride, pad, out=None, serial=False):

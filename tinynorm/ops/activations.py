@@ -2,7 +2,7 @@
 
 NumPy float32/float64 arrays run a numba kernel (one pass, launched through
 ``_geometry.launch``); other arrays (CuPy), and every array with the
-``use_numba`` setting off (:mod:`tinynorm.config`), use ``xp.maximum`` and
+``use_numba`` setting off (:mod:`tinynorm.settings`), use ``xp.maximum`` and
 ``xp.where``, which compute the same values (so the backward needs no record
 of which the forward ran).  NaN inputs propagate to the output, as with
 ``numpy.maximum``, so a diverging network still shows NaN downstream.

@@ -22,13 +22,13 @@ are shared.  Internally every input is viewed as (G, k, C, S) with S = H*W
 m = k * S values.
 
 Speed.  On CPU, for NumPy float32/float64 4-D arrays of at least
-``bn_fused_min_size`` elements (a setting of :mod:`tinynorm.config`),
+``bn_fused_min_size`` elements (a setting of :mod:`tinynorm.settings`),
 ``batch_norm_forward`` and ``batch_norm_backward`` run fused numba kernels
 (``_bn_numba``; two passes over the data each, float64 accumulators, parallel
 over channels; the backward follows the forward's choice).  Every other case
 -- CuPy arrays, 2-D input (where NumPy's reductions over axis 0 are already
 contiguous), small arrays, numba missing or the ``use_numba`` setting off
-(``config.using(use_numba=False)``, or ``TINYNORM_NO_NUMBA=1``) -- runs the
+(``settings.using(use_numba=False)``, or ``TINYNORM_NO_NUMBA=1``) -- runs the
 plain array code.  Both are public for
 tests and benchmarks: ``batch_norm_forward_reference`` /
 ``batch_norm_backward_reference`` and ``batch_norm_forward_fused`` /
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import config
+from ..settings import current as current_settings, numba_enabled
 from ..backend import get_array_module
 from ._checks import check_eps
 
@@ -187,10 +187,10 @@ def fused_kernel_available(x) -> bool:
 
 def uses_fused_kernel(x) -> bool:
     """The one selector: True when ``batch_norm_forward`` on ``x`` runs the numba
-    kernels -- :func:`fused_kernel_available`, and in :mod:`tinynorm.config`
+    kernels -- :func:`fused_kernel_available`, and in :mod:`tinynorm.settings`
     ``use_numba`` on, ``force_generic`` off and at least ``bn_fused_min_size`` elements."""
-    settings = config.current()
-    return (config.numba_enabled(settings) and getattr(x, "size", 0) >= settings.bn_fused_min_size
+    settings = current_settings()
+    return (numba_enabled(settings) and getattr(x, "size", 0) >= settings.bn_fused_min_size
             and fused_kernel_available(x))
 
 

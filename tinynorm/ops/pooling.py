@@ -22,7 +22,7 @@ alone receives the gradient.  NaN inputs propagate to the output.
 NumPy float32/float64 input runs numba kernels, one ``prange`` over the N*C
 planes (each plane belongs to one thread, so the backward scatter has no
 races; the inner loops run along output columns).  Other arrays (CuPy), and
-every array with the ``use_numba`` setting off (:mod:`tinynorm.config`), use
+every array with the ``use_numba`` setting off (:mod:`tinynorm.settings`), use
 the array-generic version: a Python loop over the kh*kw kernel offsets of
 strided-slice operations.  The cache records which ran, and the backward
 follows it.  The tests hold the two equal.

@@ -11,14 +11,14 @@ y (N, C_out, OH, OW).  ``stride`` and ``pad`` are ints or (h, w) pairs.
 How it is computed.  One public selector, :func:`conv_plan`, chooses a
 :class:`ConvPlan` -- the algorithm, the chunks of the batch and the pipeline
 threads -- from the shapes, dtype and backend and the settings of
-:mod:`tinynorm.config`.  ``conv2d_forward`` records the plan in its cache;
+:mod:`tinynorm.settings`.  ``conv2d_forward`` records the plan in its cache;
 the backward follows it (and runs under the settings it was made with), so a
 change of settings between the two passes cannot mix algorithms::
 
-    >>> from tinynorm import config, ops
+    >>> from tinynorm import ops, settings
     >>> ops.conv_plan((128, 32, 28, 28), (32, 32, 3, 3), 1, 1)
     ConvPlan(winograd4: x (128, 32, 28, 28) float32, w (32, 32, 3, 3), stride 1, pad 1 -> 28x28; ...)
-    >>> with config.using(winograd_tile=2):
+    >>> with settings.using(winograd_tile=2):
     ...     y, cache = ops.conv2d_forward(x, w, b, 1, 1)       # cache.plan.algorithm == 'winograd2'
 
 The package, one module per algorithm:
@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ... import config
+from ... import settings
 from . import cudnn, generic, im2col, pointwise, winograd
 from .args import check_args, check_dy
 from .pipeline import release_workspaces
@@ -126,7 +126,7 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
 def _backward(dy, cache, need_dx, need_dw, need_db):
     x, w, _, plan = cache
     check_dy(dy, x, w, plan.out_hw)
-    with config.using(plan.settings):
+    with settings.using(plan.settings):
         return _IMPLEMENTATIONS[plan.algorithm].backward(dy, x, w, plan, need_dx, need_dw,
                                                          need_db)
 

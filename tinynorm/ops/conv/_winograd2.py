@@ -2,7 +2,7 @@
 multiplications (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2016).  The kernels of the ``winograd2`` convolution plan, which
 :mod:`tinynorm.ops.conv.winograd` drives: chosen for 3x3 / stride-1 convs
-with enough channels under ``tinynorm.config.using(winograd_tile=2)``; the
+with enough channels under ``tinynorm.settings.using(winograd_tile=2)``; the
 default is F(4x4, 3x3) (:mod:`._winograd4`), which builds on the scheme
 described here.
 
@@ -38,7 +38,7 @@ its gradients, not an approximation of them)::
 Rounding differs from the im2col path (the transforms add and subtract
 inputs before the products): relative errors stay at a few float32 ulps of
 the operands' scale, and float64 results agree with the direct convolution to
-~1e-15 (tested).  ``config.using(winograd=False)`` switches the path off.
+~1e-15 (tested).  ``settings.using(winograd=False)`` switches the path off.
 
 Every numba kernel here runs one prange over the N*C planes of its chunk, each
 iteration owning its plane; the single-threaded twins release the GIL for

@@ -2,7 +2,7 @@
 multiplications than the direct one (Lavin & Gray 2016): the kernels of the
 ``winograd4`` convolution plan, the CPU default for 3x3 / stride-1 convs with
 enough channels, which :mod:`tinynorm.ops.conv.winograd` drives
-(``config.using(winograd_tile=2)`` selects :mod:`._winograd2`, F(2x2, 3x3)).
+(``settings.using(winograd_tile=2)`` selects :mod:`._winograd2`, F(2x2, 3x3)).
 
 Same scheme as F(2x2, 3x3) -- read that module's docstring first -- with 4x4
 output tiles, 6x6 input patches (rows ``4*ty - ph ..``, columns ``4*tx - pw ..``
@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ... import config
+from ... import settings
 from .._geometry import serial_twin
 from ._winograd2 import (_base, _crop, _run, buffer_size as _buffer_size, k_stride,
                          kron_filter_transform, kron_filter_transform_adjoint)
@@ -342,7 +342,7 @@ def _blocks(n_planes, serial):
     """How many blocks of planes (each with its own scratch) a kernel's prange
     runs: one for the serial twins, else up to the ``winograd4_blocks``
     setting (the dynamic schedule of ``_geometry.launch`` deals them out)."""
-    return 1 if serial else max(1, min(n_planes, config.current().winograd4_blocks))
+    return 1 if serial else max(1, min(n_planes, settings.current().winograd4_blocks))
 
 
 def input_transform(x, pad, v, serial=False):

@@ -1,6 +1,6 @@
 """The convolution plan: which algorithm runs, over which chunks of the batch,
 on how many threads -- chosen once, from shapes, dtype, backend and the
-settings of :mod:`tinynorm.config`, and recorded in the forward's cache so
+settings of :mod:`tinynorm.settings`, and recorded in the forward's cache so
 that the backward does what the forward did.
 
 The algorithms (first match wins):
@@ -41,7 +41,8 @@ import math
 
 import numpy as np
 
-from ... import config
+from ...settings import Settings, numba_enabled
+from ...settings import current as current_settings
 from .. import _gemm
 from .. import _geometry as geo
 from . import _winograd2, _winograd4, cudnn
@@ -67,7 +68,7 @@ class ConvPlan:
     n_chunks    consecutive chunks the batch is cut into (sizes differ by <= 1)
     threads     pipeline threads, each running a contiguous group of chunks
                 (1: the calling thread, with parallel kernels and split GEMMs)
-    settings    the :class:`tinynorm.config.Settings` the plan was made under;
+    settings    the :class:`tinynorm.settings.Settings` the plan was made under;
                 the backward runs under them too (kernel launch and GEMM
                 split thresholds)
     tf32        ``cudnn`` only: float32 engines may use TF32 (``allow_tf32``)
@@ -85,7 +86,7 @@ class ConvPlan:
     stacked: bool = False
     n_chunks: int = 1
     threads: int = 1
-    settings: config.Settings = dataclasses.field(default_factory=config.current,
+    settings: Settings = dataclasses.field(default_factory=current_settings,
                                                   compare=False)
     tf32: bool = False
     reason: str = dataclasses.field(default="", compare=False)
@@ -165,7 +166,7 @@ def _on_gpu(backend):
 
 def conv_plan(x_shape, w_shape, stride=1, pad=0, dtype=np.float32, backend="cpu"):
     """The plan ``conv2d_forward`` follows for these arguments, in the current
-    settings of :mod:`tinynorm.config` (and, for the thread count, OpenBLAS's
+    settings of :mod:`tinynorm.settings` (and, for the thread count, OpenBLAS's
     current thread count).
 
     x_shape (N, C, H, W), w_shape (C_out, C, kh, kw); stride, pad ints or
@@ -236,7 +237,7 @@ def _winograd_tile(settings, x_shape, w_shape, out_hw):
 
 
 def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, out_hw, dtype):
-    if not config.numba_enabled(settings) or dtype not in geo.FAST_DTYPES:
+    if not numba_enabled(settings) or dtype not in geo.FAST_DTYPES:
         return "generic"
     if (settings.winograd and kernel == (3, 3) and stride == (1, 1)
             and min(x_shape[1], w_shape[0]) >= settings.winograd_min_channels):
@@ -292,7 +293,7 @@ def _chunk_count(n, bytes_per_sample, cap, min_count=1):
 
 def make_plan(x_shape, w_shape, stride, pad, out_hw, dtype, gpu):
     """The plan for checked geometry (see :func:`conv_plan`)."""
-    settings = config.current()
+    settings = current_settings()
     kernel = w_shape[2:]
     if gpu:
         algorithm, reason, fallback = _gpu_algorithm(settings, x_shape, w_shape, stride, pad,
