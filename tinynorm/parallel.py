@@ -344,6 +344,9 @@ class StepReducer:
         return out
 
 
+ABORT_GRACE_S = 1.0
+
+
 class Watchdog:
     """Abort every rank when one step's collectives have not returned in ``timeout``
     seconds (a rank that hangs rather than dies; a dead rank is the launcher's to
@@ -364,6 +367,10 @@ class Watchdog:
             if since is not None and time.monotonic() - since > self.timeout:
                 print(f"tinynorm: error: rank {self.comm.rank}: no reply from the other ranks "
                       f"for {self.timeout:.0f} s; aborting all ranks", flush=True)
+                # The launcher forwards a rank's output asynchronously and drops what
+                # it has not read when an abort tears the job down (MPICH's hydra lost
+                # this line in ~1 run of 8): give it time to read the line first.
+                time.sleep(ABORT_GRACE_S)
                 self.comm.abort(1)
 
     def __enter__(self):
