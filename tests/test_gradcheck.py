@@ -83,6 +83,7 @@ def test_cli_gradcheck_passes_every_builtin_op_and_layer(capsys):
     out = capsys.readouterr().out
     for op in ("conv2d", "max_pool2d", "avg_pool2d", "softmax_cross_entropy", "batch_norm",
                "weight_norm", "normprop_relu", "trelu", "layer BatchNorm chunk=2",
-               "layer WNConv2d", "layer TReLUConv2d"):
+               "layer WNConv2d", "layer Conv2d", "unit trelu: conv 3x3 + act",
+               "unit normprop: conv 1x1 stride 2 + act", "unit bn: linear unit"):
         assert op in out, op
     assert "FAIL" not in out

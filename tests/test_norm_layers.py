@@ -6,18 +6,24 @@ import math
 import numpy as np
 import pytest
 
-from tinynorm import nn
+from tinynorm import nn, norms
 from tinynorm.gradcheck import gradcheck_layer
 from tinynorm.nn import norm
 
 RTOL = 1e-6  # never loosen
 
 
+def _unit(name, *args, rng=None, dtype=np.float32):
+    """A conv -> norm -> activation unit as the models build it (the registry's)."""
+    return norms.conv_unit(name, *args, rng=rng if rng is not None else np.random.default_rng(0),
+                           dtype=dtype)
+
+
 class _Flat(nn.Layer):
     """Exposes every parameter of a (composite) layer by its full name.
 
     ``gradcheck_layer`` checks ``layer.params`` only, which for a Sequential or
-    a NormPropConv2d is empty (the parameters live in the children).  This
+    a NormProp unit is empty (the parameters live in the children).  This
     adapter pushes its (float64) params into the children before each forward
     and collects the children's grads after each backward.
     """
@@ -81,12 +87,12 @@ LAYER_CASES = [
      (2, 2, 4, 4)),
     ("WNLinear", lambda: norm.WNLinear(6, 4, eps=1e-3), (5, 6)),
     ("WNLinear no bias", lambda: norm.WNLinear(6, 4, bias=False), (5, 6)),
-    ("NormPropConv2d stack", lambda: nn.Sequential(
-        norm.NormPropConv2d(3, 4, 3, 1, 1, rng=np.random.default_rng(1)),
-        norm.NormPropConv2d(4, 2, 3, 1, 1, rng=np.random.default_rng(2))), (2, 3, 5, 5)),
-    ("TReLU WN stack + ScaleShift", lambda: nn.Sequential(
-        norm.TReLUConv2d(3, 4, 3, 1, 1, rng=np.random.default_rng(3)),
-        norm.TReLUConv2d(4, 2, 1, rng=np.random.default_rng(4)),
+    ("NormProp unit stack", lambda: nn.Sequential(
+        *_unit("normprop", 3, 4, 3, 1, 1, rng=np.random.default_rng(1)),
+        *_unit("normprop", 4, 2, 3, 1, 1, rng=np.random.default_rng(2))), (2, 3, 5, 5)),
+    ("TReLU WN unit stack + ScaleShift", lambda: nn.Sequential(
+        *_unit("trelu", 3, 4, 3, 1, 1, rng=np.random.default_rng(3)),
+        *_unit("trelu", 4, 2, 1, rng=np.random.default_rng(4)),
         norm.ScaleShift(2)), (2, 3, 5, 5)),
 ]
 
@@ -266,16 +272,17 @@ def test_wn_norm_scale_divides_the_filters():
 
 
 def test_normprop_and_trelu_conv_parameters():
-    np_conv = norm.NormPropConv2d(3, 4, 3)
-    assert set(np_conv.parameters()) == {"conv.v", "conv.g", "conv.b"}
-    np.testing.assert_array_equal(np_conv.children["conv"].params["g"], 1.0)
-    tr = norm.TReLUConv2d(3, 4, 3)
-    assert set(tr.parameters()) == {"conv.v", "act.alpha"}
-    np.testing.assert_array_equal(tr.parameters()["act.alpha"], 0.0)
+    np_conv = nn.Sequential(*_unit("normprop", 3, 4, 3))
+    assert set(np_conv.parameters()) == {"0.v", "0.g", "0.b"}
+    np.testing.assert_array_equal(np_conv.children["0"].params["g"], 1.0)
+    assert isinstance(np_conv.children["1"], norm.NormPropReLU)
+    tr = nn.Sequential(*_unit("trelu", 3, 4, 3))
+    assert set(tr.parameters()) == {"0.v", "1.alpha"}
+    np.testing.assert_array_equal(tr.parameters()["1.alpha"], 0.0)
 
 
 def test_normprop_eval_is_training(rng):
-    layer = norm.NormPropConv2d(3, 4, 3, 1, 1, dtype=np.float64)
+    layer = nn.Sequential(*_unit("normprop", 3, 4, 3, 1, 1, dtype=np.float64))
     x = _x(rng, (2, 3, 5, 5))
     y_train = layer.forward(x)
     layer.eval()

@@ -159,6 +159,45 @@ def test_selfcheck_finds_op_modules_by_itself(tmp_path, monkeypatch):
         sys.modules.pop("tinynorm.ops.zz_myop", None)
 
 
+class _WrongBackward(_Scale2):
+    def backward(self, dy):
+        return 3 * dy                        # the forward doubles
+
+
+@pytest.mark.parametrize("layer,passes", [(_Scale2, True), (_WrongBackward, False)])
+def test_gradcheck_checks_a_registered_norms_units_as_the_models_build_them(layer, passes):
+    entry = norms.Norm(
+        "test_units", "units", "tab:pink",
+        conv_unit=lambda c_in, c_out, k, s, p, *, rng, dtype, opts: [
+            nn.Conv2d(c_in, c_out, k, s, p, rng=rng, init=opts.init, dtype=dtype), layer()],
+        activation=lambda channels, *, dtype, opts: nn.ReLU(),
+        head=lambda d_in, d_out, *, rng, dtype, opts: nn.Linear(d_in, d_out, rng=rng,
+                                                                dtype=dtype))
+    norms.register_norm(entry)
+    try:
+        cases = [c for c in selfcheck.layer_cases() if c[0].startswith("unit test_units:")]
+        assert [c[0] for c in cases] == ["unit test_units: conv 3x3 + act",
+                                         "unit test_units: conv 1x1 stride 2 + act",
+                                         "unit test_units: head"]
+        # the conv unit is the registry's layers, in order, as cifar10-nv builds them
+        assert [type(l) for l in cases[0][1].layers] == [nn.Conv2d, layer, nn.ReLU]
+        results = [r for r in selfcheck.run_all() if r.op.startswith("unit test_units: conv")]
+        assert all(r.passed for r in results) == passes
+        if not passes:                       # the input gradient goes through the wrong layer
+            assert {r.name for r in results if not r.passed} >= {"x", "0.w", "0.b"}
+    finally:
+        norms.NORM_REGISTRY.pop("test_units", None)
+
+
+def test_selfcheck_finds_the_layers_of_every_nn_module():
+    labels = [c[0] for c in selfcheck.layer_cases()]
+    assert len(labels) == len(set(labels))
+    for expected in ("layer Conv2d", "layer BatchNorm chunk=2", "layer WNConv2d norm_scale=1.21",
+                     "layer TReLU", "unit bn: conv 3x3 + act", "unit normprop: head",
+                     "unit trelu: output layer", "unit wn: linear unit (last)"):
+        assert expected in labels, expected
+
+
 # -- init -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(64, 16, 3, 3), (300, 40), (32, 3, 3, 3)])
@@ -239,8 +278,9 @@ def test_frozen_wn_gain_is_no_parameter_and_the_filters_stay_unit_norm():
 def test_normprop_units_divide_by_the_scaled_norm():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 6, 6))
-    unit = nn.NormPropConv2d(3, 4, 3, 1, 1, rng=np.random.default_rng(1), dtype=np.float64)
-    conv = unit.children["conv"]
+    unit = nn.Sequential(*norms.conv_unit("normprop", 3, 4, 3, 1, 1,
+                                          rng=np.random.default_rng(1), dtype=np.float64))
+    conv = unit.children["0"]
     assert conv.norm_scale == ops.NORMPROP_SCALE == 1.21
     v = conv.params["v"]
     w = v / (1.21 * (np.sqrt((v ** 2).sum(axis=(1, 2, 3))) + conv.eps))[:, None, None, None]

@@ -230,3 +230,47 @@ register_norm(Norm(
     output_layer=lambda channels, *, dtype: nn.ScaleShift(channels, dtype=dtype),
     profile_categories={"WNConv2d": "convolution", "TReLU": "relu"},
     description="WN with translated ReLU; gamma/beta on the last layer only"))
+
+
+# -- what `tinynorm gradcheck` checks -----------------------------------------------
+
+def unit_gradcheck_cases(name, *, opts=None):
+    """(label, layer, input) for one registered norm's units, built by the same
+    calls the models make (float64, train mode): the conv unit with its
+    activation (3x3 stride 1 and 1x1 stride 2, ResNet's two shapes), ResNet's
+    head, the deep linear network's hidden and last layers, and cifar10-nv's
+    output layer -- whichever the norm defines.  Parameters are moved off their
+    starting values (gamma = 1, beta = alpha = 0 would hide mistakes).  The data
+    come from a generator seeded by the norm's name, so a case is the same on
+    every run and machine (a finite difference across a ReLU kink would fail
+    it every time, not now and then)."""
+    import numpy as np
+    entry = get_norm(name)
+    opts = opts or UnitOptions()
+    rng = np.random.default_rng(sum(map(ord, entry.name)))
+    kw = dict(rng=rng, dtype=np.float64, opts=opts)
+    x4 = rng.standard_normal((4, 3, 5, 5))
+    units = [
+        ("conv 3x3 + act", nn.Sequential(*conv_unit(entry, 3, 4, 3, 1, 1, **kw)), x4),
+        ("conv 1x1 stride 2 + act", nn.Sequential(*conv_unit(entry, 3, 4, 1, 2, 0, **kw)), x4),
+        ("head", entry.head(6, 4, **kw), rng.standard_normal((5, 6))),
+    ]
+    if entry.linear_unit is not None:
+        for last in (False, True):
+            units.append((f"linear unit{' (last)' if last else ''}",
+                          entry.linear_unit(6, 6, last=last, **kw), rng.standard_normal((8, 6))))
+    if entry.output_layer is not None:
+        units.append(("output layer", entry.output_layer(3, dtype=np.float64), x4))
+    cases = []
+    for what, layer, x in units:
+        for _, owner, key in layer.named_parameters():
+            p = owner.params[key]
+            p += 0.1 * rng.standard_normal(p.shape)
+        cases.append((f"unit {entry.name}: {what}", layer, x))
+    return cases
+
+
+def gradcheck_cases():
+    """The units of every registered norm (a norm registered from the user's own
+    module included), for ``tinynorm gradcheck``."""
+    return [case for name in norm_names() for case in unit_gradcheck_cases(name)]

@@ -1,16 +1,19 @@
-"""`tinynorm gradcheck`: every built-in op against finite differences.
+"""`tinynorm gradcheck`: every op, layer and unit against finite differences.
 
 Each public module (or package) of ``tinynorm.ops`` may define
 ``gradcheck_cases()`` returning a list of ``(op_label, forward, backward,
-args, names)``; this module finds them all by itself, so a new op module is
-checked as soon as it defines the function.
+args, names)``, and each public module of ``tinynorm.nn`` one returning
+``(label, layer, input)``; this module finds them all by itself, so a new
+module is checked as soon as it defines the function.  The units of every
+registered normalization are checked as the models build them
+(:func:`tinynorm.norms.gradcheck_cases`), a norm registered by the user
+included.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-import numpy as np
 
 from .gradcheck import format_table, gradcheck, gradcheck_layer
 
@@ -31,33 +34,25 @@ def all_cases():
     return cases
 
 
-def layer_cases():
-    """(label, layer, input) for the stateful layers, float64, train mode."""
+def nn_modules():
+    """Names of the public modules of tinynorm.nn."""
     from . import nn
-    rng = np.random.default_rng(0)
-    kw = dict(rng=rng, dtype=np.float64)
-    x4 = rng.standard_normal((4, 3, 5, 5))
-    x2 = rng.standard_normal((6, 5))
-    # momentum 0 keeps the running statistics (and so r and d) fixed between the
-    # forward passes of the finite differences; they are set so r and d clip in
-    # every channel (unclipped, r and d depend on x but carry no gradient by design)
-    renorm = nn.BatchRenorm(3, momentum=0.0, r_max=1.2, d_max=0.1, dtype=np.float64)
-    renorm.buffers["running_mean"][...] = [0.3, -0.2, 1.0]
-    renorm.buffers["running_var"][...] = [2.0, 0.5, 4.0]
-    return [
-        ("layer BatchNorm", nn.BatchNorm(3, dtype=np.float64), x4),
-        ("layer BatchNorm chunk=2", nn.BatchNorm(3, chunk=2, dtype=np.float64), x4),
-        ("layer BatchRenorm (r, d clipped)", renorm, x4),
-        ("layer GroupNorm G=3", nn.GroupNorm(3, 3, dtype=np.float64), x4),
-        ("layer WNConv2d", nn.WNConv2d(3, 4, 3, 1, 1, **kw), x4),
-        ("layer WNLinear", nn.WNLinear(5, 4, **kw), x2),
-        ("layer NormPropConv2d", nn.NormPropConv2d(3, 4, 3, 1, 1, **kw), x4),
-        ("layer NormPropConv2d scale=1", nn.NormPropConv2d(3, 4, 3, 1, 1, scale=1.0, **kw), x4),
-        ("layer NormPropLinear", nn.NormPropLinear(5, 4, **kw), x2),
-        ("layer WNConv2d g_init=norm", nn.WNConv2d(3, 4, 3, 1, 1, g_init="norm", **kw), x4),
-        ("layer TReLUConv2d", nn.TReLUConv2d(3, 4, 3, 1, 1, **kw), x4),
-        ("layer ScaleShift", nn.ScaleShift(3, dtype=np.float64), x4),
-    ]
+    return sorted(m.name for m in pkgutil.iter_modules(nn.__path__)
+                  if not m.name.startswith("_"))
+
+
+def layer_cases():
+    """(label, layer, input), float64, train mode: each public module of
+    tinynorm.nn that defines ``gradcheck_cases()`` (its layers), then the units
+    of every registered norm as the models build them (:mod:`tinynorm.norms`),
+    so a gradient check of a unit is a check of what trains."""
+    from . import norms
+    cases = []
+    for name in nn_modules():
+        mod = importlib.import_module(f"tinynorm.nn.{name}")
+        if hasattr(mod, "gradcheck_cases"):
+            cases.extend(mod.gradcheck_cases())
+    return cases + norms.gradcheck_cases()
 
 
 def run_all(rtol=1e-6, extra_cases=()):

@@ -193,3 +193,26 @@ class Dropout(Layer):
 
     def __repr__(self):
         return f"Dropout(p={self.p})"
+
+
+def gradcheck_cases():
+    """(label, layer, input) for ``tinynorm gradcheck``: the layers of this module
+    that have a gradient (Dropout's mask is random; Flatten and Identity only
+    reshape), float64, parameters moved off their starting values."""
+    rng = np.random.default_rng(1)
+    kw = dict(rng=rng, dtype=np.float64)
+    x4 = rng.standard_normal((2, 3, 6, 6))
+    x4[np.abs(x4) < 1e-3] = 0.5                      # away from ReLU's kink at 0
+    cases = [
+        ("layer Conv2d", Conv2d(3, 4, 3, 1, 1, **kw), x4),
+        ("layer Conv2d stride 2, no bias", Conv2d(3, 4, 3, 2, 0, bias=False, **kw), x4),
+        ("layer Linear", Linear(5, 4, **kw), rng.standard_normal((6, 5))),
+        ("layer ReLU", ReLU(), x4),
+        ("layer MaxPool2d 3/2 pad 1", MaxPool2d(3, 2, 1), x4),
+        ("layer AvgPool2d 2", AvgPool2d(2), x4),
+        ("layer GlobalAvgPool2d", GlobalAvgPool2d(), x4),
+    ]
+    for _, layer, _ in cases:
+        for p in layer.params.values():
+            p += 0.1 * rng.standard_normal(p.shape)
+    return cases

@@ -9,11 +9,13 @@ Per-sample statistics (training == evaluation)
     LayerNorm, GroupNorm (instance norm: ``groups=num_channels``)
 Weight normalization (paper section 3.2)
     WNConv2d, WNLinear   w = g v / (||v|| + eps), bias b (g starts at 1)
-    NormPropConv2d       WN conv (gain g = gamma, bias b = beta, norm scaled by
-    NormPropLinear       1.21) then NormPropReLU; NormPropLinear likewise
-    TReLUConv2d          WN conv without gain/bias, then TReLU
-    NormPropReLU, TReLU, ScaleShift   the activation / output layers they use
+                         (``norm_scale``: NormProp's 1.21; ``gain=False``: TReLU WN)
+    NormPropReLU, TReLU, ScaleShift   the activation / output layers of the WN family
     data_dependent_init(model, x)     Salimans & Kingma's initialization
+
+The NormProp and TReLU WN units are compositions of these layers, written once,
+in the normalization registry (:mod:`tinynorm.norms`): the models build them from
+there and ``tinynorm gradcheck`` checks them from there.
 
 Running-statistic convention (BatchNorm, MeanOnlyBatchNorm, BatchRenorm):
 ``running = (1 - momentum) * running + momentum * batch_statistic`` with
@@ -37,8 +39,7 @@ from .base import Layer, _as_pair
 from .init import DEFAULT_INIT, initialize
 
 __all__ = ["BatchNorm", "MeanOnlyBatchNorm", "BatchRenorm", "LayerNorm", "GroupNorm",
-           "WNConv2d", "WNLinear", "NormPropReLU", "NormPropConv2d", "NormPropLinear", "TReLU",
-           "TReLUConv2d", "ScaleShift", "data_dependent_init", "WN_EPS", "WN_G_INITS"]
+           "WNConv2d", "WNLinear", "NormPropReLU", "TReLU", "ScaleShift", "data_dependent_init", "WN_EPS", "WN_G_INITS"]
 
 # Added to ||v||; only guards the division (for ||v|| ~ 0.1-1 it vanishes in
 # float32).  Paper section 3.2 writes the same eps in ||W_j||_F + eps.
@@ -480,58 +481,6 @@ class NormPropReLU(Layer):
         return "NormPropReLU()"
 
 
-class _ConvThenAct(Layer):
-    """A ``conv`` child followed by an ``act`` child (NormProp and TReLU WN units)."""
-
-    def forward(self, x):
-        return self.children["act"](self.children["conv"](x))
-
-    def backward(self, dy):
-        return self.children["conv"].backward(self.children["act"].backward(dy))
-
-
-class NormPropConv2d(_ConvThenAct):
-    """Normalization propagation conv + ReLU (Arpit et al. 2016), paper section 3.2:
-
-        o_j = c1 [relu(gamma_j (W_j * x) / (s (||W_j|| + eps)) + beta_j) - c0]
-
-    with s = ``scale`` = 1.21 as NormProp's authors ran it (s = 1 is the seed
-    paper's printed formula; :mod:`tinynorm.ops.normprop` says why).  A
-    WNConv2d child ``conv`` (its g is gamma, started at 1 -- the value the
-    constants c0, c1 are derived for -- and its b is beta, started at 0) and a
-    NormPropReLU child ``act``.  No running statistics: evaluation is the same
-    function as training.  Its input should be normalized (per-pixel mean/std).
-    """
-
-    def __init__(self, c_in, c_out, kernel, stride=1, pad=0, *, scale=ops.NORMPROP_SCALE,
-                 eps=WN_EPS, rng=None, init=DEFAULT_INIT, dtype=np.float32):
-        super().__init__()
-        self.children["conv"] = WNConv2d(c_in, c_out, kernel, stride, pad, gain=True,
-                                         bias=True, g_init="one", eps=eps, norm_scale=scale,
-                                         rng=rng, init=init, dtype=dtype)
-        self.children["act"] = NormPropReLU()
-
-    def __repr__(self):
-        return f"NormPropConv2d({self.children['conv']!r})"
-
-
-class NormPropLinear(_ConvThenAct):
-    """The fully-connected NormProp unit:
-    o_j = c1 [relu(gamma_j (W_j . x) / (s (||W_j|| + eps)) + beta_j) - c0],
-    s = ``scale`` (1.21); children ``conv`` (a WNLinear) and ``act``."""
-
-    def __init__(self, d_in, d_out, *, scale=ops.NORMPROP_SCALE, eps=WN_EPS, rng=None,
-                 init=DEFAULT_INIT, dtype=np.float32):
-        super().__init__()
-        self.children["conv"] = WNLinear(d_in, d_out, gain=True, bias=True, g_init="one",
-                                         eps=eps, norm_scale=scale, rng=rng, init=init,
-                                         dtype=dtype)
-        self.children["act"] = NormPropReLU()
-
-    def __repr__(self):
-        return f"NormPropLinear({self.children['conv']!r})"
-
-
 class TReLU(Layer):
     """y = relu(x - alpha) + alpha, alpha per channel (axis 1), learnable, start 0.
 
@@ -554,29 +503,6 @@ class TReLU(Layer):
 
     def __repr__(self):
         return f"TReLU({self.num_channels})"
-
-
-class TReLUConv2d(_ConvThenAct):
-    """TReLU WN conv (Xiang & Li 2017), paper section 3.2:
-
-        o_j = relu((W_j * x) / (||W_j|| + eps) - alpha_j) + alpha_j
-
-    A WNConv2d child ``conv`` without gain (and without bias unless asked) and
-    a TReLU child ``act``.  Only the network's last layer carries gamma/beta:
-    end the network with :class:`ScaleShift`.
-    """
-
-    def __init__(self, c_in, c_out, kernel, stride=1, pad=0, bias=False, *, eps=WN_EPS,
-                 rng=None, init=DEFAULT_INIT, dtype=np.float32):
-        super().__init__()
-        # w = v / ||v||: no gain, so g_init does not apply
-        self.children["conv"] = WNConv2d(c_in, c_out, kernel, stride, pad, gain=False,
-                                         bias=bias, eps=eps, rng=rng, init=init, dtype=dtype)
-        self.children["act"] = TReLU(c_out, dtype=dtype)
-
-
-    def __repr__(self):
-        return f"TReLUConv2d({self.children['conv']!r})"
 
 
 class ScaleShift(Layer):
@@ -602,3 +528,45 @@ class ScaleShift(Layer):
 
     def __repr__(self):
         return f"ScaleShift({self.num_channels})"
+
+
+def gradcheck_cases():
+    """(label, layer, input) for ``tinynorm gradcheck``: the layers of this module,
+    float64, train mode, parameters moved off their starting values (gamma = 1,
+    beta = alpha = 0 would hide mistakes)."""
+    rng = np.random.default_rng(0)
+    kw = dict(rng=rng, dtype=np.float64)
+    x4 = rng.standard_normal((4, 3, 5, 5))
+    x2 = rng.standard_normal((6, 5))
+    # momentum 0 keeps the running statistics (and so r and d) fixed between the
+    # forward passes of the finite differences; they are set so r and d clip in
+    # every channel (unclipped, r and d depend on x but carry no gradient by design)
+    renorm = BatchRenorm(3, momentum=0.0, r_max=1.2, d_max=0.1, dtype=np.float64)
+    renorm.buffers["running_mean"][...] = [0.3, -0.2, 1.0]
+    renorm.buffers["running_var"][...] = [2.0, 0.5, 4.0]
+    z4 = x4.copy()
+    z4[np.abs(z4) < 1e-3] = 0.5                      # away from the kinks at 0 (alpha = 0)
+    cases = [
+        ("layer BatchNorm", BatchNorm(3, dtype=np.float64), x4),
+        ("layer BatchNorm chunk=2", BatchNorm(3, chunk=2, dtype=np.float64), x4),
+        ("layer MeanOnlyBatchNorm", MeanOnlyBatchNorm(3, dtype=np.float64), x4),
+        ("layer BatchRenorm (r, d clipped)", renorm, x4),
+        ("layer GroupNorm G=3", GroupNorm(3, 3, dtype=np.float64), x4),
+        ("layer LayerNorm", LayerNorm(3, dtype=np.float64), x4),
+        ("layer WNConv2d", WNConv2d(3, 4, 3, 1, 1, **kw), x4),
+        ("layer WNConv2d g_init=norm", WNConv2d(3, 4, 3, 1, 1, g_init="norm", **kw), x4),
+        ("layer WNConv2d norm_scale=1.21", WNConv2d(3, 4, 3, 1, 1, norm_scale=1.21, **kw), x4),
+        ("layer WNConv2d gain=False stride 2", WNConv2d(3, 4, 3, 2, 0, gain=False, **kw), x4),
+        ("layer WNLinear", WNLinear(5, 4, **kw), x2),
+        ("layer WNLinear norm_scale=1.21", WNLinear(5, 4, norm_scale=1.21, **kw), x2),
+        ("layer NormPropReLU", NormPropReLU(), z4),
+        ("layer TReLU", TReLU(3, dtype=np.float64), z4),
+        ("layer ScaleShift", ScaleShift(3, dtype=np.float64), x4),
+    ]
+    for _, layer, _ in cases:
+        for key, p in layer.params.items():
+            p += 0.1 * rng.standard_normal(p.shape)
+    # TReLU: alpha moved off 0, so the input is moved off the kink x = alpha again
+    alpha = cases[-2][1].params["alpha"][None, :, None, None]
+    cases[-2] = (cases[-2][0], cases[-2][1], np.where(np.abs(z4 - alpha) < 1e-3, z4 + 0.1, z4))
+    return cases
