@@ -20,7 +20,7 @@ fastest of each is kept, so a neighbour process on the other core disturbs
 both sides alike; read the ratios, not the absolute figures.
 
 The header says whether the numba kernels run on all threads or on one
-(``tinynorm.ops._geometry.launch``): one, unless the process was started with
+(``tinynorm.ops._kernels.launch``): one, unless the process was started with
 ``OPENBLAS_THREAD_TIMEOUT`` set low (e.g. 4), because OpenBLAS's idle workers
 otherwise spin for ~0.1 s after every GEMM and fight a second numba thread.
 Compare ``OPENBLAS_THREAD_TIMEOUT=4 python experiments/bench_ops.py``.
@@ -130,8 +130,8 @@ def run(args):
     from threadpoolctl import threadpool_info
     blas = [f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)"
             for i in threadpool_info() if i["user_api"] == "blas"]
-    from tinynorm.ops import _geometry
-    spin = _geometry.blas_workers_spin()
+    from tinynorm.ops import _kernels
+    spin = _kernels.blas_workers_spin()
     print(f"numpy {np.__version__}, BLAS: {', '.join(blas) or '?'}, numba "
           f"{numba.__version__} ({numba.get_num_threads()} threads), batch {args.batch}, "
           f"float32, best of {args.repeat}, 3x3/stride-1 convs by "

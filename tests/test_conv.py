@@ -8,6 +8,7 @@ import pytest
 from tinynorm import backend, config
 from tinynorm.gradcheck import gradcheck
 from tinynorm.ops import _geometry as geo
+from tinynorm.ops import _kernels as kernels
 from tinynorm.ops import conv as conv_mod
 from tinynorm.ops.conv import (conv2d_backward, conv2d_backward_data, conv2d_backward_filter,
                                conv2d_forward, conv2d_reference_backward,
@@ -203,11 +204,11 @@ def test_parallel_and_serial_kernels_agree(rng, parallel):
 def test_blas_spin_detection(monkeypatch):
     monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
     monkeypatch.delenv("GOTO_THREAD_TIMEOUT", raising=False)
-    assert geo.blas_workers_spin()
+    assert kernels.blas_workers_spin()
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
-    assert not geo.blas_workers_spin()
+    assert not kernels.blas_workers_spin()
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
-    assert geo.blas_workers_spin()
+    assert kernels.blas_workers_spin()
 
 
 def test_concurrent_threads_get_their_own_workspaces():

@@ -1,7 +1,7 @@
 """ReLU: y = max(x, 0).
 
 NumPy float32/float64 arrays run a numba kernel (one pass, launched through
-``_geometry.launch``); other arrays (CuPy), and every array with the
+``_kernels.launch``); other arrays (CuPy), and every array with the
 ``use_numba`` setting off (:mod:`tinynorm.settings`), use ``xp.maximum`` and
 ``xp.where``, which compute the same values (so the backward needs no record
 of which the forward ran).  NaN inputs propagate to the output, as with
@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import backend
-from . import _geometry as geo
+from . import _kernels as kernels
 
 __all__ = ["relu_forward", "relu_backward", "gradcheck_cases"]
 
@@ -41,10 +41,10 @@ def relu_forward(x):
         raise ValueError(f"relu: x must be a NumPy or CuPy array; got {type(x).__name__}")
     if x.dtype.kind != "f":
         raise ValueError(f"relu: x must be a floating-point array; got dtype {x.dtype}")
-    if geo.numba_ok(x):
+    if kernels.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty_like(x)
-        geo.launch(_relu_kernel, x.size, x.size, x.reshape(-1), y.reshape(-1))
+        kernels.launch(_relu_kernel, x.size, x.size, x.reshape(-1), y.reshape(-1))
         return y, y
     xp = backend.get_array_module(x)
     y = xp.ascontiguousarray(xp.maximum(x, 0))
@@ -60,10 +60,10 @@ def relu_backward(dy, cache):
     if tuple(dy.shape) != tuple(y.shape):
         raise ValueError(f"relu_backward: dy has shape {tuple(dy.shape)}, expected "
                          f"{tuple(y.shape)} (the forward output's shape)")
-    if geo.numba_ok(dy, y) and dy.dtype == y.dtype:
+    if kernels.numba_ok(dy, y) and dy.dtype == y.dtype:
         dy = np.ascontiguousarray(dy)
         dx = np.empty_like(dy)
-        geo.launch(_relu_backward_kernel, dy.size, dy.size, dy.reshape(-1), y.reshape(-1),
+        kernels.launch(_relu_backward_kernel, dy.size, dy.size, dy.reshape(-1), y.reshape(-1),
                    dx.reshape(-1))
         return (dx,)
     xp = backend.get_array_module(dy)

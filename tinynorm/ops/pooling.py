@@ -34,6 +34,7 @@ from numba import njit, prange, uint64
 
 from .. import backend
 from . import _geometry as geo
+from . import _kernels as kernels
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
            "avg_pool2d_backward", "gradcheck_cases"]
@@ -59,7 +60,7 @@ def _check_args(op, x, kernel, stride, pad):
 
 
 def _fast(*arrays):
-    return all(isinstance(a, np.ndarray) and a.dtype in geo.FAST_DTYPES for a in arrays)
+    return all(isinstance(a, np.ndarray) and a.dtype in kernels.FAST_DTYPES for a in arrays)
 
 
 def _check_dy(op, dy, y_shape, dtype):
@@ -147,7 +148,7 @@ def _max_fwd_kernel(x, n_planes, h, w, kh, kw, sh, sw, ph, pw, oh, ow, y, arg):
 
 # the kernel with _takes_finite in place of _takes
 _max_fwd_finite = njit(parallel=True, cache=True)(
-    geo.function_copy(_max_fwd_kernel, "finite", _takes=_takes_finite))
+    kernels.function_copy(_max_fwd_kernel, "finite", _takes=_takes_finite))
 
 
 @njit(parallel=True, cache=True)
@@ -304,7 +305,7 @@ def max_pool2d_forward(x, kernel, stride=None, pad=0):
     """
     op = "max_pool2d"
     kernel, stride, pad, (oh, ow) = _check_args(op, x, kernel, stride, pad)
-    if geo.numba_ok(x):
+    if kernels.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
         # arg: (N, C, OH, OW) flat index iy*W + ix of the max within its plane
@@ -313,7 +314,7 @@ def max_pool2d_forward(x, kernel, stride=None, pad=0):
         # a NaN anywhere makes the max NaN (one vectorised pass over x): only
         # then the NaN-aware comparison
         fwd = _max_fwd_kernel if np.isnan(x.max()) else _max_fwd_finite
-        geo.launch(fwd, y.shape[0] * y.shape[1], x.size + y.size, x.reshape(-1),
+        kernels.launch(fwd, y.shape[0] * y.shape[1], x.size + y.size, x.reshape(-1),
                    *_geometry_args(x.shape, kernel, stride, pad, (oh, ow)), y.reshape(-1),
                    arg.reshape(-1))
         return y, ("numba", arg, x.shape, x.dtype, kernel, stride, pad)
@@ -333,7 +334,7 @@ def max_pool2d_backward(dy, cache):
         dy = np.ascontiguousarray(dy)
         dx = np.empty(x_shape, dtype=dy.dtype)
         n, c, h, w = x_shape
-        geo.launch(_max_bwd_kernel, n * c, dx.size + dy.size, dy.reshape(-1), arg.reshape(-1),
+        kernels.launch(_max_bwd_kernel, n * c, dx.size + dy.size, dy.reshape(-1), arg.reshape(-1),
                    n * c, h * w, dy.shape[2] * dy.shape[3], dx.reshape(-1))
         return (dx,)
     return (_max_backward_generic(dy, arg, x_shape, kernel, stride, pad),)
@@ -350,10 +351,10 @@ def avg_pool2d_forward(x, kernel, stride=None, pad=0):
     op = "avg_pool2d"
     kernel, stride, pad, (oh, ow) = _check_args(op, x, kernel, stride, pad)
     out_shape = (x.shape[0], x.shape[1], oh, ow)
-    if geo.numba_ok(x):
+    if kernels.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty(out_shape, dtype=x.dtype)
-        geo.launch(_avg_fwd_kernel, out_shape[0] * out_shape[1], x.size + y.size,
+        kernels.launch(_avg_fwd_kernel, out_shape[0] * out_shape[1], x.size + y.size,
                    x.reshape(-1), *_geometry_args(x.shape, kernel, stride, pad, (oh, ow)),
                    y.reshape(-1))
         return y, ("numba", out_shape, x.shape, x.dtype, kernel, stride, pad)
@@ -372,7 +373,7 @@ def avg_pool2d_backward(dy, cache):
     if path == "numba" and _fast(dy):
         dy = np.ascontiguousarray(dy)
         dx = np.empty(x_shape, dtype=dy.dtype)
-        geo.launch(_avg_bwd_kernel, x_shape[0] * x_shape[1], dx.size + dy.size,
+        kernels.launch(_avg_bwd_kernel, x_shape[0] * x_shape[1], dx.size + dy.size,
                    dy.reshape(-1), *_geometry_args(x_shape, kernel, stride, pad,
                                                    out_shape[2:]), dx.reshape(-1))
         return (dx,)

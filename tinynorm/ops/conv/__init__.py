@@ -41,7 +41,7 @@ The package, one module per algorithm:
   fallback, ``use_numba`` off);
 * :mod:`.reference` -- the slow direct convolution the tests hold every plan to.
 
-Every numba kernel runs through ``_geometry.launch``, which decides between
+Every numba kernel runs through ``_kernels.launch``, which decides between
 one thread and all of numba's threads (on a 2-core machine OpenBLAS's
 spinning idle threads make a second numba thread a loss unless
 ``OPENBLAS_THREAD_TIMEOUT`` is set low).

@@ -49,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .._geometry import launch, serial_twin
+from .._kernels import launch, serial_twin
 
 __all__ = ["M", "SLICES", "tiles", "filter_transform", "filter_transform_adjoint", "input_transform",
            "input_transform_adjoint", "output_transform", "output_transform_adjoint",

@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from ... import settings
-from .._geometry import serial_twin
+from .._kernels import serial_twin
 from ._winograd2 import (_base, _crop, _run, buffer_size as _buffer_size, k_stride,
                          kron_filter_transform, kron_filter_transform_adjoint)
 from ._winograd2 import transform_buffer as _transform_buffer
@@ -341,7 +341,7 @@ _output_adjoint_serial = serial_twin(_output_adjoint_kernel)
 def _blocks(n_planes, serial):
     """How many blocks of planes (each with its own scratch) a kernel's prange
     runs: one for the serial twins, else up to the ``winograd4_blocks``
-    setting (the dynamic schedule of ``_geometry.launch`` deals them out)."""
+    setting (the dynamic schedule of ``_kernels.launch`` deals them out)."""
     return 1 if serial else max(1, min(n_planes, settings.current().winograd4_blocks))
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange, uint64
 
 from .. import _gemm
-from .. import _geometry as geo
+from .. import _kernels as kernels
 
 __all__ = ["workspace", "release_workspaces", "to_gemm_layout", "from_gemm_layout",
            "run_groups", "gemm_forward", "gemm_backward"]
@@ -124,8 +124,8 @@ def _nchw_to_cnp_kernel(src, n_batch, n_chan, plane, dst, sums, want_sums):
 
 
 # single-threaded twins that release the GIL, for the batch pipeline
-_cnp_to_nchw_serial = geo.serial_twin(_cnp_to_nchw_kernel)
-_nchw_to_cnp_serial = geo.serial_twin(_nchw_to_cnp_kernel, fastmath={"reassoc"})
+_cnp_to_nchw_serial = kernels.serial_twin(_cnp_to_nchw_kernel)
+_nchw_to_cnp_serial = kernels.serial_twin(_nchw_to_cnp_kernel, fastmath={"reassoc"})
 
 
 def to_gemm_layout(a, name, want_sums=False, serial=False):
@@ -144,7 +144,7 @@ def to_gemm_layout(a, name, want_sums=False, serial=False):
     if serial:
         _nchw_to_cnp_serial(*args)
     else:
-        geo.launch(_nchw_to_cnp_kernel, c, a.size, *args)
+        kernels.launch(_nchw_to_cnp_kernel, c, a.size, *args)
     return out, (sums if want_sums else None)
 
 
@@ -161,7 +161,7 @@ def from_gemm_layout(a2, n, bias, out=None, serial=False):
     if serial:
         _cnp_to_nchw_serial(*args)
     else:
-        geo.launch(_cnp_to_nchw_kernel, n * c, out.size, *args)
+        kernels.launch(_cnp_to_nchw_kernel, n * c, out.size, *args)
     return out
 
 

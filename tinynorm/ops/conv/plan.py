@@ -45,6 +45,7 @@ from ...settings import Settings, numba_enabled
 from ...settings import current as current_settings
 from .. import _gemm
 from .. import _geometry as geo
+from .. import _kernels as kernels
 from . import _winograd2, _winograd4, cudnn
 
 __all__ = ["ConvPlan", "conv_plan", "ALGORITHMS", "geometry"]
@@ -237,7 +238,7 @@ def _winograd_tile(settings, x_shape, w_shape, out_hw):
 
 
 def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, out_hw, dtype):
-    if not numba_enabled(settings) or dtype not in geo.FAST_DTYPES:
+    if not numba_enabled(settings) or dtype not in kernels.FAST_DTYPES:
         return "generic"
     if (settings.winograd and kernel == (3, 3) and stride == (1, 1)
             and min(x_shape[1], w_shape[0]) >= settings.winograd_min_channels):
