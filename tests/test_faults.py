@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import pytest
 
-from tinynorm import checkpoint as run_files
+from tinynorm import runfiles
 from tinynorm import runconfig as config_checks
 from tinynorm import ops
-from tinynorm.checkpoint import CheckpointError, RunDirError
+from tinynorm.runfiles import CheckpointError, RunDirError
 from tinynorm.cli import main as cli_main
 from tinynorm.gradcheck import GradcheckError, gradcheck
 from tinynorm.train import DEFAULTS, Trainer, read_log
@@ -351,7 +351,7 @@ def test_row4_a_signal_during_start_up_is_one_line(tmp_path, capsys, monkeypatch
     name = signal.Signals(signum).name
     assert err.strip() == f"tinynorm: interrupted by {name} before training started; " \
                           f"nothing was written"
-    assert run_files.holds_a_run(out) == []
+    assert runfiles.holds_a_run(out) == []
 
 
 def _finished_run(tmp_path, capsys):
@@ -395,7 +395,7 @@ def test_row5_a_flipped_byte_in_a_weight_is_a_named_error_never_a_status(tmp_pat
 def test_row5_non_finite_weights_truncation_and_attributes_are_caught(tmp_path, capsys):
     out = _finished_run(tmp_path, capsys)
     path = out / "checkpoint.h5"
-    arrays, attrs = run_files.read_h5(path)
+    arrays, attrs = runfiles.read_h5(path)
     # 1. a checkpoint whose digests are right but whose weights are NaN (a bad writer)
     arrays["model/conv2.0.w"] = np.full_like(arrays["model/conv2.0.w"], np.nan)
 
@@ -408,19 +408,19 @@ def test_row5_non_finite_weights_truncation_and_attributes_are_caught(tmp_path, 
                 if key not in ("sha256", "attrs_sha256"):
                     target.attrs[key] = value
     nan_path = tmp_path / "nan.h5"
-    run_files.write_h5(nan_path, fill)
+    runfiles.write_h5(nan_path, fill)
     with pytest.raises(CheckpointError, match="dataset model/conv2.0.w holds non-finite values"):
-        Trainer._read_checkpoint(nan_path)
+        runfiles.read_checkpoint(nan_path)
     # 2. a changed attribute (the data position, here) fails the attribute checksum
     with h5py.File(path, "r+") as f:
         f.attrs["batch"] = 3
     with pytest.raises(CheckpointError, match="attributes .* fail their checksum"):
-        Trainer._read_checkpoint(path)
+        runfiles.read_checkpoint(path)
     # 3. a truncated file
     data = nan_path.read_bytes()
     nan_path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="is corrupt: not a readable HDF5 file"):
-        Trainer._read_checkpoint(nan_path)
+        runfiles.read_checkpoint(nan_path)
 
 
 @needs_fmnist
@@ -433,7 +433,7 @@ def test_row6_and_8_bad_values_fail_in_one_line_before_any_data_loads(tmp_path, 
     code, _, err = cli(capsys, "train", *LIN_FLAGS, *flags, "--out", out)
     assert code == 2
     one_error_line(err, flags[0][2:].replace("-", "_"))
-    assert not out.exists() or run_files.holds_a_run(out) == []
+    assert not out.exists() or runfiles.holds_a_run(out) == []
 
 
 @needs_fmnist
@@ -463,10 +463,10 @@ def test_row6_unwritable_run_directory_simulated(tmp_path, monkeypatch):
     # the same check without a mount: the probe's write fails with EROFS
     def read_only(fd, data):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(run_files, "_write_fully", read_only)
+    monkeypatch.setattr(runfiles, "_write_fully", read_only)
     with pytest.raises(RunDirError, match=f"cannot write to run directory {tmp_path / 'run'}: "
                                           f"Read-only file system"):
-        run_files.probe_run_dir(tmp_path / "run")
+        runfiles.probe_run_dir(tmp_path / "run")
 
 
 @needs_fmnist
@@ -475,7 +475,7 @@ def test_row6_too_little_free_space_fails_before_the_first_iteration(tmp_path, t
     trainer = Trainer(dict(NV, out=str(small / "run")), resume=False)
     with pytest.raises(RunDirError, match="not enough free space in run directory"):
         trainer.run()
-    assert trainer.opt.iteration == 0 and run_files.holds_a_run(small / "run") == []
+    assert trainer.opt.iteration == 0 and runfiles.holds_a_run(small / "run") == []
 
 
 def _fill_up(directory):
@@ -496,7 +496,7 @@ def _assert_interrupted_by_full_disk(trainer, out):
     assert "checkpoint.h5" in trainer.interrupted_reason
     assert not (out / "checkpoint.h5.tmp").exists() and not (out / "log.h5.tmp").exists()
     # the previous checkpoint (end of epoch 1) is intact and verifies
-    ck = Trainer._read_checkpoint(out / "checkpoint.h5")
+    ck = runfiles.read_checkpoint(out / "checkpoint.h5")
     assert ck["position"] == (1, 0, 4)
 
 
@@ -524,14 +524,14 @@ def test_row7_full_disk_while_checkpointing_real_tmpfs(tmp_path, tmpfs, referenc
 @needs_fmnist
 def test_row7_full_disk_simulated_through_the_cli(tmp_path, capsys, monkeypatch, reference):
     out = tmp_path / "run"
-    real_write, full = run_files._write_fully, []
+    real_write, full = runfiles._write_fully, []
 
     def write(fd, data):
         if full:                       # half the bytes, then the disk is full
             real_write(fd, bytes(memoryview(data)[: len(data) // 2]))
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(fd, data)
-    monkeypatch.setattr(run_files, "_write_fully", write)
+    monkeypatch.setattr(runfiles, "_write_fully", write)
     import tinynorm.optim as optim
     step = optim.SGD.step
 
@@ -556,14 +556,14 @@ def test_row7_full_disk_simulated_through_the_cli(tmp_path, capsys, monkeypatch,
 def test_an_interrupted_write_leaves_no_partial_file_and_the_old_one_intact(tmp_path,
                                                                             monkeypatch):
     path = tmp_path / "f.h5"
-    run_files.write_h5(path, lambda f: f.create_dataset("x", data=np.arange(3)))
+    runfiles.write_h5(path, lambda f: f.create_dataset("x", data=np.arange(3)))
     before = path.read_bytes()
 
     def ctrl_c(fd, data):
         raise KeyboardInterrupt
-    monkeypatch.setattr(run_files, "_write_fully", ctrl_c)
+    monkeypatch.setattr(runfiles, "_write_fully", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        run_files.write_h5(path, lambda f: f.create_dataset("x", data=np.arange(5)))
+        runfiles.write_h5(path, lambda f: f.create_dataset("x", data=np.arange(5)))
     assert path.read_bytes() == before and not (tmp_path / "f.h5.tmp").exists()
 
 
@@ -573,8 +573,8 @@ def test_a_checkpoint_from_before_checksums_is_still_read_and_checked(tmp_path):
         f.create_dataset("model/w", data=np.ones(3))
         f.create_dataset("velocity/w", data=np.array([0.0, np.inf, 0.0]))
     with pytest.raises(CheckpointError, match="dataset velocity/w holds non-finite values"):
-        run_files.read_h5(legacy, finite=("model", "velocity"))
-    arrays, _ = run_files.read_h5(legacy, finite=("model",))
+        runfiles.read_h5(legacy, finite=("model", "velocity"))
+    arrays, _ = runfiles.read_h5(legacy, finite=("model",))
     np.testing.assert_array_equal(arrays["model/w"], np.ones(3))
 
 
@@ -589,21 +589,21 @@ def test_row7_a_failed_checkpoint_on_sigint_says_so(tmp_path, monkeypatch):
     def step_then_stop():
         lr = step()
         if trainer.opt.iteration == 2:
-            monkeypatch.setattr(run_files, "_write_fully", full)
+            monkeypatch.setattr(runfiles, "_write_fully", full)
             os.kill(os.getpid(), signal.SIGINT)
         return lr
     trainer.opt.step = step_then_stop
     assert trainer.run() == "interrupted"
     assert trainer.interrupted_reason == (f"cannot write {out / 'checkpoint.h5'}: No space left "
                                           f"on device (stopping on SIGINT)")
-    assert run_files.holds_a_run(out) == []
-    assert [p.name for p in out.iterdir()] == [run_files.LOCK_FILE]   # no partial file
+    assert runfiles.holds_a_run(out) == []
+    assert [p.name for p in out.iterdir()] == [runfiles.LOCK_FILE]   # no partial file
 
 
 LOCK_HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from tinynorm.checkpoint import lock_run_dir
+from tinynorm.runfiles import lock_run_dir
 lock_run_dir({out!r})
 print("locked", flush=True)
 time.sleep(60)
@@ -623,7 +623,7 @@ def test_two_processes_never_train_into_one_directory(tmp_path, capsys):
         assert code == 2
         one_error_line(err, f"run directory {out} is in use by another process "
                             f"(pid {holder.pid})")
-        assert run_files.holds_a_run(out) == []
+        assert runfiles.holds_a_run(out) == []
     finally:
         holder.kill()
         holder.wait()
@@ -634,12 +634,12 @@ def test_two_processes_never_train_into_one_directory(tmp_path, capsys):
 def test_row7_writes_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(run_files.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
-    monkeypatch.setattr(run_files.os, "replace",
+    monkeypatch.setattr(runfiles.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(runfiles.os, "replace",
                         lambda a, b: (events.append("replace"), real_replace(a, b)))
-    run_files.write_h5(tmp_path / "f.h5", lambda f: f.create_dataset("x", data=np.arange(3)))
+    runfiles.write_h5(tmp_path / "f.h5", lambda f: f.create_dataset("x", data=np.arange(3)))
     assert events == ["fsync", "replace", "fsync"]     # the file, the rename, the directory
-    arrays, _ = run_files.read_h5(tmp_path / "f.h5")
+    arrays, _ = runfiles.read_h5(tmp_path / "f.h5")
     np.testing.assert_array_equal(arrays["x"], np.arange(3))
 
 

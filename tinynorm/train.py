@@ -41,7 +41,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -434,11 +434,6 @@ class Trainer:
             self.out, self.record, position=(self.epoch, self.batch, self.opt.iteration),
             state={k: to_numpy(a) for k, a in self.model.state_dict().items()},
             velocity={k: to_numpy(a) for k, a in self.opt.velocity.items()}, **self._meta())
-
-    @staticmethod
-    def _read_checkpoint(path):
-        """The earlier name of :func:`tinynorm.runfiles.read_checkpoint`."""
-        return runfiles.read_checkpoint(path)
 
     def load_checkpoint(self, checkpoint=None):
         """Restore the model, optimizer, data position and log from a checkpoint: a
