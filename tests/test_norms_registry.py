@@ -138,6 +138,10 @@ def test_cli_import_flag_registers_a_plugin_norm(tmp_path, monkeypatch, capsys):
                      "--norm", "plugin_none", "--width", "0.0625", "--batch-size", "4",
                      "--input", "1x12x12", "--steps", "1"]) == 0
         assert "norm=plugin_none" in capsys.readouterr().out
+        # and `gradcheck` checks the plugin's units beside the built-in ones
+        assert main(["--import", "my_norm_plugin", "gradcheck"]) == 0
+        out = capsys.readouterr().out
+        assert "unit plugin_none: conv 3x3 + act" in out and "unit bn: head" in out
     finally:
         norms.NORM_REGISTRY.pop("plugin_none", None)
         sys.modules.pop("my_norm_plugin", None)
