@@ -87,3 +87,18 @@ def test_cli_gradcheck_passes_every_builtin_op_and_layer(capsys):
                "unit normprop: conv 1x1 stride 2 + act", "unit bn: linear unit"):
         assert op in out, op
     assert "FAIL" not in out
+
+
+@pytest.mark.parametrize("size", [(3, 4), (30, 40)])      # element-wise and directional
+def test_an_argument_in_another_memory_layout_is_perturbed_in_that_layout(size):
+    # a transposed (F-ordered) argument stays so, and its perturbations reach the
+    # forward (through a flat copy they would not: every numeric gradient 0)
+    def forward(x):
+        assert x.flags.f_contiguous and not x.flags.c_contiguous
+        return x * x, x
+
+    def backward(dy, x):
+        return 2 * x * dy
+    x = np.random.default_rng(3).standard_normal(size[::-1]).T
+    results = gradcheck(forward, backward, x, names=["x"])
+    assert [r.passed for r in results] == [True]

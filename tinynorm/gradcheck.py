@@ -126,7 +126,6 @@ def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, atol, max_el
         raise GradcheckError(f"{op + ': ' if op else ''}gradient of '{name}' has shape "
                              f"{tuple(analytic.shape)} but the argument has shape {tuple(arr.shape)}")
     original = arr.copy()
-    flat = arr.reshape(-1)  # a view: arr is contiguous (made by _as_float64 / the layer)
 
     def directional(direction):
         arr[...] = original + eps * direction
@@ -139,12 +138,15 @@ def _check_array(name, arr, analytic, eval_output, r, *, eps, rtol, atol, max_el
     if arr.size <= max_elementwise:
         numeric = np.zeros(arr.size)
         for i in range(arr.size):
-            v = flat[i].copy()
-            flat[i] = v + eps
+            # by index, not through arr.reshape(-1): that is a copy for an argument
+            # in another memory layout (a transpose, channels-last), which keeps it
+            idx = np.unravel_index(i, arr.shape)
+            v = arr[idx].copy()
+            arr[idx] = v + eps
             y_plus = xp.array(eval_output(), dtype=xp.float64, copy=True)
-            flat[i] = v - eps
+            arr[idx] = v - eps
             y_minus = xp.array(eval_output(), dtype=xp.float64, copy=True)
-            flat[i] = v
+            arr[idx] = v
             numeric[i] = float(((y_plus - y_minus) * r).sum()) / (2 * eps)
         return _compare_elementwise(name, analytic, numeric.reshape(arr.shape), rtol, atol, op)
 
