@@ -117,10 +117,20 @@ def is_writer():
     return parallel.world().rank == 0
 
 
-def run_variants(experiment, variants, args):
+def run_variants(experiment, variants, args, *, strict=True, known=()):
     """Run ``{variant: config}`` one after the other (resumable); return log paths
-    (on rank 0; the other ranks of an mpirun get ``{}``)."""
-    only = set(args.only.split(",")) if args.only else None
+    (on rank 0; the other ranks of an mpirun get ``{}``).
+
+    ``--only a,b``: those variants, in that order; a name that is neither one of
+    ``variants`` nor in ``known`` (variants a later call runs) is a one-line
+    error, unless ``strict=False`` (that later call)."""
+    only = [n for n in args.only.split(",") if n] if args.only else None
+    if only:
+        unknown = [n for n in only if n not in variants and n not in known]
+        if unknown and strict:
+            raise SystemExit(f"error: {experiment} has no variant {', '.join(unknown)}; "
+                             f"choose from {', '.join([*variants, *known])}")
+        variants = {n: variants[n] for n in only if n in variants}
     logs = {}
     comm = parallel.world()
     say = print if comm.rank == 0 else (lambda *a, **k: None)
@@ -128,8 +138,6 @@ def run_variants(experiment, variants, args):
     if comm.rank == 0:
         dest.mkdir(parents=True, exist_ok=True)
     for name, cfg in variants.items():
-        if only and name not in only:
-            continue
         out = Path(args.runs) / args.preset / experiment / name
         cfg = dict(cfg, out=str(out), progress=not args.no_progress,
                    device=getattr(args, "device", None) or "cpu")

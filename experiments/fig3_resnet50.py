@@ -46,7 +46,7 @@ Presets:
 
     python experiments/fig3_resnet50.py --preset cpu [--only bn_s0,wn_s0] [--seeds 0,1,2]
 """
-from common import figure_path, parse_args, run_variants, seeded
+from common import figure_path, log_dir, parse_args, run_variants, seeded
 
 # diverge_loss 1e4: NormProp's outputs grow through the 16 blocks at init (see
 # RESULTS.md), so its first losses are in the hundreds; only a loss far beyond
@@ -95,16 +95,21 @@ def normprop_lr(sweep_logs):
 def main():
     args = parse_args(__doc__)
     runs = variants(args.preset, args.seeds)
-    logs = run_variants("fig3_resnet50", runs, args)
+    logs = run_variants("fig3_resnet50", runs, args,
+                        known=("normprop_s0",) if args.preset == "cpu" else ())
     if args.preset == "cpu":
-        sweep = {k: v for k, v in logs.items() if k.startswith("normprop_lr")}
+        # the sweep's finished logs, whether this call ran them or an earlier one
+        done = log_dir(args.preset, "fig3_resnet50", args.runs)
+        sweep = {k: done / f"{k}.h5" for k in runs if k.startswith("normprop_lr")
+                 and (done / f"{k}.h5").exists()}
         if len(sweep) == len(SWEEP_LRS):
             lr = normprop_lr(sweep)
             if lr is None:
                 print("[fig3_resnet50] normprop: every sweep lr diverged; no full run")
             else:
                 full = dict(COMMON, norm="normprop", **PRESETS["cpu"], lr=lr)
-                logs.update(run_variants("fig3_resnet50", seeded({"normprop": full}, (0,)), args))
+                logs.update(run_variants("fig3_resnet50", seeded({"normprop": full}, (0,)), args,
+                                         strict=False))
     if logs:
         from plots.figures import plot_output_norms, plot_seeded_curves, seed_table
         out = figure_path(args.preset, "fig3_resnet50", args.runs, "fig3_resnet50")

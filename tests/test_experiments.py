@@ -111,3 +111,22 @@ def test_fig1_smoke_profiles_both_networks(tmp_path):
         assert abs(shares - res["total"]) < 1e-6 * res["total"] + 1e-9
         assert res["by_category"]["batch norm"] > 0 and res["by_category"]["convolution"] > 0
     check_png(exp / "fig1_time_share.png")
+
+
+def test_only_runs_the_named_variants_in_the_given_order_and_names_a_typo(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import argparse
+    import common
+    variants = {name: {} for name in ("a_s0", "b_s0", "c_s0")}
+    logs = tmp_path / "smoke" / "exp" / "logs"
+    logs.mkdir(parents=True)
+    for name in variants:
+        (logs / f"{name}.h5").touch()
+    args = argparse.Namespace(only="c_s0,a_s0", preset="smoke", runs=str(tmp_path),
+                              no_progress=True, data_root=None, plot_only=True)
+    assert list(common.run_variants("exp", variants, args)) == ["c_s0", "a_s0"]
+    args.only = "c_s0,d_s0"
+    with pytest.raises(SystemExit, match="exp has no variant d_s0; choose from a_s0, b_s0, c_s0"):
+        common.run_variants("exp", variants, args)
+    assert list(common.run_variants("exp", variants, args, known=("d_s0",))) == ["c_s0"]
+    assert list(common.run_variants("exp", variants, args, strict=False)) == ["c_s0"]
