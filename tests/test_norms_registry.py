@@ -98,15 +98,19 @@ class _Scale2(nn.Layer):
         return 2 * dy
 
 
-def test_a_registered_norm_is_a_model_and_profile_choice():
-    entry = norms.Norm(
-        "test_double", "doubled", "tab:pink",
+def _conv_then(name, layer, label="test", **extra):
+    """A test norm whose conv unit is Conv2d -> ``layer()``, ReLU, a Linear head."""
+    return norms.Norm(
+        name, label, "tab:pink",
         conv_unit=lambda c_in, c_out, k, s, p, *, rng, dtype, opts: [
-            nn.Conv2d(c_in, c_out, k, s, p, rng=rng, init=opts.init, dtype=dtype), _Scale2()],
+            nn.Conv2d(c_in, c_out, k, s, p, rng=rng, init=opts.init, dtype=dtype), layer()],
         activation=lambda channels, *, dtype, opts: nn.ReLU(),
         head=lambda d_in, d_out, *, rng, dtype, opts: nn.Linear(d_in, d_out, rng=rng,
-                                                                dtype=dtype),
-        profile_categories={"_Scale2": "doubling"})
+                                                                dtype=dtype), **extra)
+
+
+def test_a_registered_norm_is_a_model_and_profile_choice():
+    entry = _conv_then("test_double", _Scale2, "doubled", profile_categories={"_Scale2": "doubling"})
     norms.register_norm(entry)
     try:
         with pytest.raises(ValueError, match="already registered"):
@@ -170,13 +174,7 @@ class _WrongBackward(_Scale2):
 
 @pytest.mark.parametrize("layer,passes", [(_Scale2, True), (_WrongBackward, False)])
 def test_gradcheck_checks_a_registered_norms_units_as_the_models_build_them(layer, passes):
-    entry = norms.Norm(
-        "test_units", "units", "tab:pink",
-        conv_unit=lambda c_in, c_out, k, s, p, *, rng, dtype, opts: [
-            nn.Conv2d(c_in, c_out, k, s, p, rng=rng, init=opts.init, dtype=dtype), layer()],
-        activation=lambda channels, *, dtype, opts: nn.ReLU(),
-        head=lambda d_in, d_out, *, rng, dtype, opts: nn.Linear(d_in, d_out, rng=rng,
-                                                                dtype=dtype))
+    entry = _conv_then("test_units", layer)
     norms.register_norm(entry)
     try:
         cases = [c for c in selfcheck.layer_cases() if c[0].startswith("unit test_units:")]
