@@ -38,6 +38,7 @@ import tinynorm  # noqa: E402,F401  first: sets OPENBLAS_THREAD_TIMEOUT before N
 import numpy as np  # noqa: E402
 
 from tinynorm import backend, config, ops  # noqa: E402
+from tinynorm.ops import layout  # noqa: E402
 
 
 def model_convs(model, width=1.0, size=32, in_channels=3):
@@ -66,6 +67,8 @@ def model_convs(model, width=1.0, size=32, in_channels=3):
 
 def plan_name(plan):
     """The algorithm of a plan, with the 1x1 variant."""
+    if plan.algorithm == "onednn":
+        return "onednn"
     if plan.algorithm == "pointwise":
         return "1x1 stacked" if plan.stacked else "1x1 gemm"
     return plan.algorithm
@@ -83,6 +86,10 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--torch-channels-last", action="store_true")
+    p.add_argument("--onednn", action="store_true",
+                   help="tinynorm under use_onednn=True (oneDNN's primitives, float32)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="tinynorm's x and dy in channels-last memory (tinynorm.ops.layout)")
     p.add_argument("--only", default="", help="substring of the shape label, e.g. 3x3")
     p.add_argument("--plans", action="store_true",
                    help="print tinynorm's plan for every shape and exit (no timing)")
@@ -94,6 +101,8 @@ def main():
     settings = {"winograd": False} if args.no_winograd else {}
     if args.winograd_tile is not None:
         settings["winograd_tile"] = args.winograd_tile
+    if args.onednn:
+        settings["use_onednn"] = True
     with config.using(**settings):
         return run(args)
 
@@ -125,11 +134,18 @@ def run(args):
         print("PyTorch is not installed: `pip install torch==2.13.0` (benchmark-only).")
         return 0
     backend.tune_allocator()
+    if args.onednn:
+        ok, why = ops.conv.onednn.status()     # load libdnnl before limiting threads
+        if not ok:
+            print(f"--onednn: {why}")
+            return 1
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)        # again, now with torch's libraries loaded
     import numba
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
+    print(f"tinynorm {'oneDNN' if args.onednn else 'hand-written plans'}, "
+          f"{'channels-last' if args.channels_last else 'NCHW'}")
     print(f"batch {args.batch}, width {args.width}, {args.threads} threads, torch "
           f"{torch.__version__} {'channels-last' if args.torch_channels_last else 'NCHW'}, "
           f"best of {args.repeat}")
@@ -141,6 +157,8 @@ def run(args):
         w = (rng.standard_normal(w_shape) / np.sqrt(ci * k * k)).astype(np.float32)
         y, cache = ops.conv2d_forward(x, w, None, s, pad)
         dy = rng.standard_normal(y.shape).astype(np.float32)
+        if args.channels_last:
+            x, dy = layout.to_channels_last(x), layout.to_channels_last(dy)
 
         def tn():
             _, cache = ops.conv2d_forward(x, w, None, s, pad)
@@ -149,9 +167,9 @@ def run(args):
             else:
                 ops.conv2d_backward(dy, cache)
 
-        tx = torch.from_numpy(x).contiguous(memory_format=fmt).requires_grad_(not first)
+        tx = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=fmt).requires_grad_(not first)
         tw = torch.from_numpy(w).contiguous(memory_format=fmt).requires_grad_(True)
-        tdy = torch.from_numpy(dy).contiguous(memory_format=fmt)
+        tdy = torch.from_numpy(np.ascontiguousarray(dy)).contiguous(memory_format=fmt)
 
         def th():
             tx.grad = tw.grad = None

@@ -53,7 +53,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import tinynorm  # noqa: E402,F401  first: sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
 import numpy as np  # noqa: E402
 
-from tinynorm import backend, ops  # noqa: E402
+from tinynorm import backend, ops, settings  # noqa: E402
 from tinynorm.models import cifar10_nv, resnet50  # noqa: E402
 from tinynorm.nn import (BatchNorm, Conv2d, GlobalAvgPool2d, Identity, Linear,  # noqa: E402
                          MaxPool2d, ReLU, Sequential, WNConv2d, WNLinear)
@@ -318,6 +318,8 @@ def measure_memory(engine, config, args):
            "--threads", str(args.threads), "--allocator", args.allocator]
     if args.torch_channels_last:
         cmd.append("--torch-channels-last")
+    cmd += [f for f, on in (("--onednn", args.onednn), ("--channels-last", args.channels_last))
+            if on]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         return float("nan")
@@ -367,6 +369,10 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--allocator", choices=("default", "tuned"), default="tuned")
     p.add_argument("--torch-channels-last", action="store_true")
+    p.add_argument("--onednn", action="store_true",
+                   help="tinynorm under use_onednn=True: float32 convolutions by oneDNN")
+    p.add_argument("--channels-last", action="store_true",
+                   help="tinynorm under channels_last=True: channels-last activations")
     p.add_argument("--no-check", action="store_true", help="skip the float64 agreement check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory children")
@@ -374,7 +380,11 @@ def main():
                    help=argparse.SUPPRESS)
     p.add_argument("--check-child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args()
+    with settings.using(use_onednn=args.onednn, channels_last=args.channels_last):
+        return _main(args)
 
+
+def _main(args):
     try:
         import torch
     except ImportError:
@@ -383,6 +393,11 @@ def main():
         return 0
     import numba
     from threadpoolctl import threadpool_limits
+    if args.onednn:
+        ok, why = ops.conv.onednn.status()     # load libdnnl before limiting threads
+        if not ok:
+            print(f"--onednn: {why}")
+            return 1
     threadpool_limits(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
@@ -401,7 +416,9 @@ def main():
                if not args.only or any(s.strip() in c for s in args.only.split(","))]
     print(f"tinynorm vs PyTorch {torch.__version__}: batch {args.batch}, width {args.width}, "
           f"{args.threads} threads, allocator {args.allocator}, torch "
-          f"{'channels-last' if args.torch_channels_last else 'NCHW'}, {args.steps} steps")
+          f"{'channels-last' if args.torch_channels_last else 'NCHW'}, {args.steps} steps; "
+          f"tinynorm {'oneDNN' if args.onednn else 'hand-written'} convolutions, "
+          f"{'channels-last' if args.channels_last else 'NCHW'}")
     print(f"BLAS: {blas_note()}", flush=True)
     rows = []
     for config in configs:

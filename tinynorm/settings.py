@@ -65,6 +65,8 @@ class Settings:
     winograd_min_channels: int = 16
     use_cudnn: bool = True
     allow_tf32: bool = False
+    use_onednn: bool = False
+    channels_last: bool = False
     # -- convolution: chunks of the batch and pipeline threads ----------------
     conv_chunk_bytes: int = 4 << 20
     winograd_chunk_bytes: int = 16 << 20
@@ -122,6 +124,13 @@ SETTINGS = {
                    "float32 cuDNN convolutions may use TF32 tensor cores (10-bit mantissa "
                    "inputs; off: cuDNN engines with the TENSOR_CORE or DOWN_CONVERT_INPUTS "
                    "numerical note are deselected)"),
+    "use_onednn": (_is_bool, "a bool",
+                   "float32 CPU convolutions through oneDNN when its library loads "
+                   "(pip install onednn-cpu-gomp; else the hand-written plans)"),
+    "channels_last": (_is_bool, "a bool",
+                      "CPU convolutions answer in channels-last memory (NCHW shape, NHWC "
+                      "memory; tinynorm.ops.layout), so a model's activations turn "
+                      "channels-last at its first convolution and stay so"),
     "conv_chunk_bytes": (_is_int(1), "an int >= 1",
                          "bytes per batch chunk of the im2col / GEMM workspaces of a CPU "
                          "convolution (a few MB: each thread's chunk stays in cache)"),

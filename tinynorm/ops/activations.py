@@ -14,6 +14,7 @@ from numba import njit, prange
 
 from .. import backend
 from . import _kernels as kernels
+from . import layout
 
 __all__ = ["relu_forward", "relu_backward", "gradcheck_cases"]
 
@@ -34,7 +35,8 @@ def _relu_backward_kernel(dy, y, dx):
 def relu_forward(x):
     """y = max(x, 0), elementwise.
 
-    x : any shape, floating point.  Returns y (same shape, C-contiguous) and
+    x : any shape, floating point.  Returns y (same shape; channels-last when x
+    is, else C-contiguous; see :mod:`tinynorm.ops.layout`) and
     the cache ``y`` (its positive entries are where x > 0).
     """
     if not backend.is_array(x):
@@ -42,12 +44,11 @@ def relu_forward(x):
     if x.dtype.kind != "f":
         raise ValueError(f"relu: x must be a floating-point array; got dtype {x.dtype}")
     if kernels.numba_ok(x):
-        x = np.ascontiguousarray(x)
-        y = np.empty_like(x)
-        kernels.launch(_relu_kernel, x.size, x.size, x.reshape(-1), y.reshape(-1))
+        x = layout.dense(x)
+        y = layout.empty_like_layout(x, x.shape)
+        kernels.launch(_relu_kernel, x.size, x.size, layout.flat(x), layout.flat(y))
         return y, y
-    xp = backend.get_array_module(x)
-    y = xp.ascontiguousarray(xp.maximum(x, 0))
+    y = layout.dense(backend.get_array_module(x).maximum(x, 0))
     return y, y
 
 
@@ -61,10 +62,10 @@ def relu_backward(dy, cache):
         raise ValueError(f"relu_backward: dy has shape {tuple(dy.shape)}, expected "
                          f"{tuple(y.shape)} (the forward output's shape)")
     if kernels.numba_ok(dy, y) and dy.dtype == y.dtype:
-        dy = np.ascontiguousarray(dy)
-        dx = np.empty_like(dy)
-        kernels.launch(_relu_backward_kernel, dy.size, dy.size, dy.reshape(-1), y.reshape(-1),
-                   dx.reshape(-1))
+        dy = layout.like(dy, y)             # the kernel pairs dy and y element by element
+        dx = layout.empty_like_layout(y, y.shape)
+        kernels.launch(_relu_backward_kernel, dy.size, dy.size, layout.flat(dy), layout.flat(y),
+                       layout.flat(dx))
         return (dx,)
     xp = backend.get_array_module(dy)
     return (xp.where(y > 0, dy, xp.zeros((), dtype=dy.dtype)),)

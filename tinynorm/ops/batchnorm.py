@@ -41,13 +41,16 @@ import numpy as np
 from ..settings import current as current_settings, numba_enabled
 from ..backend import get_array_module
 from ._checks import check_eps
+from . import _kernels as kernels
+from .layout import is_channels_last, to_channels_last
 
 __all__ = [
     "BatchNormCache",
     "batch_norm_forward", "batch_norm_backward",
     "batch_norm_forward_reference", "batch_norm_backward_reference",
     "batch_norm_forward_fused", "batch_norm_backward_fused",
-    "uses_fused_kernel", "fused_kernel_available",
+    "uses_fused_kernel", "fused_kernel_available", "uses_channels_last_kernel",
+    "batch_norm_forward_channels_last", "batch_norm_backward_channels_last",
     "batch_norm_inference_forward", "batch_norm_inference_backward",
     "mean_only_batch_norm_forward", "mean_only_batch_norm_backward",
     "batch_renorm_forward", "batch_renorm_backward",
@@ -75,7 +78,8 @@ class BatchNormCache:
     has_beta False when beta was None (no dbeta is returned)
     chunk    the chunk size or None
     count    m, the number of values behind each statistic (k * H * W)
-    fused    True when the forward ran the numba kernel
+    fused    True when the forward ran the (NCHW) numba kernels, "channels_last"
+             when it ran the channels-last ones, False for the array code
     extra    op-specific values (batch renorm's r and d)
 
     ``batch_mean`` / ``batch_var`` give (C,) statistics for running-average
@@ -145,8 +149,23 @@ def _check_channel_param(p, pname, c, name):
 
 
 def _grouped(a, layout):
-    # (N, C, H, W) or (N, D) -> (G, k, C, S); a view for contiguous input
+    """(N, C, H, W) or (N, D) -> (G, k, C, S); a view for C-contiguous input,
+    and for channels-last input too (a strided view of its (G, k, S, C) memory)."""
+    if is_channels_last(a):
+        g, k, c, s = layout
+        return a.transpose(0, 2, 3, 1).reshape(g, k, s, c).transpose(0, 1, 3, 2)
     return a.reshape(layout)
+
+
+def _ungrouped(yg, like):
+    """The (G, k, C, S) result back to ``like``'s shape and memory layout
+    (channels-last stays channels-last; otherwise C-contiguous)."""
+    xp = get_array_module(yg)
+    if is_channels_last(like):
+        n, c, h, w = like.shape
+        nhwc = yg.transpose(0, 1, 3, 2).reshape(n, h, w, c)
+        return xp.ascontiguousarray(nhwc).transpose(0, 3, 1, 2)
+    return xp.ascontiguousarray(yg.reshape(like.shape))
 
 
 def _bcast(stat, dtype):
@@ -181,6 +200,8 @@ def fused_kernel_available(x) -> bool:
     float32 or float64, 4-D, and numba importable."""
     if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype not in (np.float32, np.float64):
         return False
+    if is_channels_last(x):
+        return False        # the kernels walk NCHW planes; channels-last runs the array code
     from . import _bn_numba
     return _bn_numba.AVAILABLE
 
@@ -219,6 +240,8 @@ def batch_norm_forward(x, gamma, beta, eps, chunk=None):
     """
     if uses_fused_kernel(x):
         return batch_norm_forward_fused(x, gamma, beta, eps, chunk)
+    if uses_channels_last_kernel(x):
+        return batch_norm_forward_channels_last(x, gamma, beta, eps, chunk)
     return batch_norm_forward_reference(x, gamma, beta, eps, chunk)
 
 
@@ -244,7 +267,9 @@ def batch_norm_backward(dy, cache):
     -------
     dx : like x;  dgamma, dbeta : (C,) or None when the forward got None
     """
-    if cache.fused and fused_kernel_available(dy) and dy.dtype == cache.x.dtype:
+    if cache.fused == "channels_last" and kernels.fast_ok(dy) and dy.dtype == cache.x.dtype:
+        return batch_norm_backward_channels_last(dy, cache)
+    if cache.fused is True and fused_kernel_available(dy) and dy.dtype == cache.x.dtype:
         return batch_norm_backward_fused(dy, cache)
     return batch_norm_backward_reference(dy, cache)
 
@@ -277,6 +302,46 @@ def batch_norm_backward_fused(dy, cache):
             dbeta if cache.has_beta else None)
 
 
+def uses_channels_last_kernel(x) -> bool:
+    """True when ``batch_norm_forward`` on ``x`` runs the channels-last numba
+    kernels (:mod:`._bn_nhwc`): a channels-last NumPy float32/float64 array
+    and the numba kernels allowed (``bn_fused_min_size`` as for the NCHW ones)."""
+    settings = current_settings()
+    return (numba_enabled(settings) and getattr(x, "size", 0) >= settings.bn_fused_min_size
+            and kernels.fast_ok(x) and is_channels_last(x))
+
+
+def batch_norm_forward_channels_last(x, gamma, beta, eps, chunk=None):
+    """Batch norm (contract of :func:`batch_norm_forward`) by the channels-last
+    kernels; x must be a channels-last NumPy float array (y is channels-last)."""
+    layout = _layout(x, "batch_norm", chunk, training=True)
+    check_eps("batch_norm", eps)
+    _check_channel_param(gamma, "gamma", layout[2], "batch_norm")
+    _check_channel_param(beta, "beta", layout[2], "batch_norm")
+    if not (kernels.fast_ok(x) and is_channels_last(x)):
+        raise ValueError("batch_norm_forward_channels_last needs a channels-last NumPy "
+                         "float32/float64 array")
+    from . import _bn_nhwc
+    y, mean, var, inv_std = _bn_nhwc.forward(x, gamma, beta, eps, layout)
+    cache = BatchNormCache(x, mean, var, inv_std, gamma, beta is not None, chunk,
+                           layout[1] * layout[3], fused="channels_last")
+    return y, cache
+
+
+def batch_norm_backward_channels_last(dy, cache):
+    """The channels-last kernels' backward (formula as in :func:`batch_norm_backward`);
+    dx is channels-last."""
+    from . import _bn_nhwc
+    x = cache.x
+    layout = _layout(x, "batch_norm", cache.chunk)
+    dy = to_channels_last(np.asarray(dy, dtype=x.dtype))
+    dx, sum_dy, sum_dy_xhat = _bn_nhwc.backward(dy, x, cache.mean, cache.inv_std, cache.gamma,
+                                                layout)
+    dgamma = sum_dy_xhat.sum(axis=0).astype(x.dtype) if cache.gamma is not None else None
+    dbeta = sum_dy.sum(axis=0).astype(x.dtype) if cache.has_beta else None
+    return dx, dgamma, dbeta
+
+
 def batch_norm_forward_reference(x, gamma, beta, eps, chunk=None):
     """The plain array-code batch norm; same contract as :func:`batch_norm_forward`."""
     xp = get_array_module(x)
@@ -293,7 +358,7 @@ def batch_norm_forward_reference(x, gamma, beta, eps, chunk=None):
         y += _chan(beta, x.dtype)
     cache = BatchNormCache(x, mean, var, inv_std, gamma, beta is not None, chunk,
                            layout[1] * layout[3])
-    return xp.ascontiguousarray(y.reshape(x.shape)), cache
+    return _ungrouped(y, x), cache
 
 
 def batch_norm_backward_reference(dy, cache):
@@ -317,7 +382,7 @@ def batch_norm_backward_reference(dy, cache):
                                    - x_hat * _bcast(sum_dy_xhat, x.dtype))
     dgamma = sum_dy_xhat.sum(axis=0).astype(x.dtype) if cache.gamma is not None else None
     dbeta = sum_dy.sum(axis=0).astype(x.dtype) if cache.has_beta else None
-    return xp.ascontiguousarray(dx.reshape(x.shape)), dgamma, dbeta
+    return _ungrouped(dx, x), dgamma, dbeta
 
 
 # -- batch norm with fixed statistics (eval mode) --------------------------------
@@ -346,7 +411,7 @@ def batch_norm_inference_forward(x, gamma, beta, mean, var, eps):
     y = x_hat * _chan(gamma, x.dtype) if gamma is not None else x_hat.copy()
     if beta is not None:
         y += _chan(beta, x.dtype)
-    return y.reshape(x.shape), (x_hat, inv_std, gamma, beta is not None, layout)
+    return _ungrouped(y, x), (x_hat, inv_std, gamma, beta is not None, layout)
 
 
 def batch_norm_inference_backward(dy, cache):
@@ -361,7 +426,7 @@ def batch_norm_inference_backward(dy, cache):
     x_hat, inv_std, gamma, has_beta, layout = cache
     dyg = _grouped(dy, layout)
     scale = inv_std if gamma is None else inv_std * gamma.astype(xp.float64)
-    dx = (dyg * _chan(scale, x_hat.dtype)).reshape(dy.shape)
+    dx = _ungrouped(dyg * _chan(scale, x_hat.dtype), dy)
     dgamma = (dyg * x_hat).sum(axis=(0, 1, 3), dtype=xp.float64).astype(x_hat.dtype) \
         if gamma is not None else None
     dbeta = dyg.sum(axis=(0, 1, 3), dtype=xp.float64).astype(x_hat.dtype) if has_beta else None
@@ -394,7 +459,7 @@ def mean_only_batch_norm_forward(x, beta, chunk=None):
         y += _chan(beta, x.dtype)
     cache = BatchNormCache(None, mean, None, None, None, beta is not None, chunk,
                            layout[1] * layout[3], extra=layout)
-    return y.reshape(x.shape), cache
+    return _ungrouped(y, x), cache
 
 
 def mean_only_batch_norm_backward(dy, cache):
@@ -406,7 +471,7 @@ def mean_only_batch_norm_backward(dy, cache):
     layout = cache.extra
     dyg = _grouped(dy, layout)
     mean_dy = dyg.mean(axis=(1, 3), dtype=xp.float64)                 # (G, C)
-    dx = (dyg - _bcast(mean_dy, dy.dtype)).reshape(dy.shape)
+    dx = _ungrouped(dyg - _bcast(mean_dy, dy.dtype), dy)
     dbeta = dyg.sum(axis=(0, 1, 3), dtype=xp.float64).astype(dy.dtype) if cache.has_beta else None
     return dx, dbeta
 
@@ -456,7 +521,7 @@ def batch_renorm_forward(x, gamma, beta, running_mean, running_var, eps, r_max, 
         y += _chan(beta, x.dtype)
     cache = BatchNormCache(x, mean, var, inv_std, gamma, beta is not None, None,
                            layout[1] * layout[3], extra=(r, d))
-    return y.reshape(x.shape), cache
+    return _ungrouped(y, x), cache
 
 
 def batch_renorm_backward(dy, cache):
@@ -488,7 +553,7 @@ def batch_renorm_backward(dy, cache):
     dgamma = (r * sum_dy_xhat0[0] + d * sum_dy[0]).astype(x.dtype) \
         if cache.gamma is not None else None
     dbeta = sum_dy[0].astype(x.dtype) if cache.has_beta else None
-    return dx.reshape(x.shape), dgamma, dbeta
+    return _ungrouped(dx, x), dgamma, dbeta
 
 
 # -- `tinynorm gradcheck` --------------------------------------------------------

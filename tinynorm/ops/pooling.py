@@ -35,6 +35,7 @@ from numba import njit, prange, uint64
 from .. import backend
 from . import _geometry as geo
 from . import _kernels as kernels
+from . import layout
 
 __all__ = ["max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
            "avg_pool2d_backward", "gradcheck_cases"]
@@ -217,6 +218,52 @@ def _avg_bwd_kernel(dy, n_planes, h, w, kh, kw, sh, sw, ph, pw, oh, ow, dx):
 
 
 # ----------------------------------------------------------------------------
+# channels-last max pooling: one prange over the samples (the backward's
+# scatter stays inside a sample: no races), the channel vector innermost
+# ----------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _max_fwd_nhwc(x, n, h, w, c, kh, kw, sh, sw, ph, pw, oh, ow, y, arg):
+    """y[n, oy, ox, :] = window max (x, y, arg in (N, H, W, C) memory); arg =
+    iy*w + ix of the max.  Taps in row-major order, a later one taken when
+    :func:`_takes` says so: the first maximum wins, NaN sticks."""
+    for b in prange(n):
+        for oy in range(oh):
+            y_lo, y_hi = _span(oy, kh, sh, ph, h)
+            for ox in range(ow):
+                x_lo, x_hi = _span(ox, kw, sw, pw, w)
+                out = uint64(((b * oh + oy) * ow + ox) * c)
+                first = uint64(((b * h + y_lo) * w + x_lo) * c)
+                for j in range(uint64(c)):
+                    y[out + j] = x[first + j]
+                    arg[out + j] = y_lo * w + x_lo
+                for iy in range(y_lo, y_hi):
+                    for ix in range(x_lo, x_hi):
+                        if iy == y_lo and ix == x_lo:
+                            continue
+                        src = uint64(((b * h + iy) * w + ix) * c)
+                        idx = iy * w + ix
+                        for j in range(uint64(c)):
+                            v = x[src + j]
+                            if _takes(v, y[out + j]):
+                                y[out + j] = v
+                                arg[out + j] = idx
+
+
+@njit(parallel=True, cache=True)
+def _max_bwd_nhwc(dy, arg, n, hw, c, ohw, dx):
+    """dx[n, arg, :] += dy[n, p, :] over the output pixels p ((N, H, W, C) memory)."""
+    for b in prange(n):
+        base = uint64(b * hw * c)
+        for t in range(uint64(hw * c)):
+            dx[base + t] = 0
+        for p in range(ohw):
+            src = uint64((b * ohw + p) * c)
+            for j in range(uint64(c)):
+                dx[base + uint64(arg[src + j]) * uint64(c) + j] += dy[src + j]
+
+
+# ----------------------------------------------------------------------------
 # array-generic versions (CuPy; also tested on NumPy)
 # ----------------------------------------------------------------------------
 
@@ -305,6 +352,18 @@ def max_pool2d_forward(x, kernel, stride=None, pad=0):
     """
     op = "max_pool2d"
     kernel, stride, pad, (oh, ow) = _check_args(op, x, kernel, stride, pad)
+    if layout.is_channels_last(x):
+        n, c, h, w = x.shape
+        if kernels.numba_ok(x):
+            y = np.empty((n, oh, ow, c), dtype=x.dtype)
+            arg = np.empty(y.shape, dtype=np.int32 if h * w < 2**31 else np.int64)
+            kernels.launch(_max_fwd_nhwc, n, x.size + y.size, layout.flat(x), n, h, w, c,
+                           *kernel, *stride, *pad, oh, ow, y.reshape(-1), arg.reshape(-1))
+            return y.transpose(0, 3, 1, 2), ("channels_last_numba", arg, x.shape, x.dtype,
+                                              kernel, stride, pad)
+        # the array code on an NCHW copy, answering in x's layout
+        y, cache = max_pool2d_forward(layout.to_nchw(x), kernel, stride, pad)
+        return layout.to_channels_last(y), ("channels_last", cache)
     if kernels.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)
@@ -328,7 +387,19 @@ def max_pool2d_backward(dy, cache):
 
     dy : (N, C, OH, OW).  Returns ``(dx,)`` with dx (N, C, H, W).
     """
+    if cache[0] == "channels_last":
+        (dx,) = max_pool2d_backward(layout.to_nchw(dy), cache[1])
+        return (layout.to_channels_last(dx),)
     path, arg, x_shape, dtype, kernel, stride, pad = cache
+    if path == "channels_last_numba":
+        n, c, h, w = x_shape
+        oh, ow = arg.shape[1:3]
+        _check_dy("max_pool2d", dy, (n, c, oh, ow), dtype)
+        dy = layout.to_channels_last(np.asarray(dy, dtype=dtype))
+        dx = np.empty((n, h, w, c), dtype=dtype)
+        kernels.launch(_max_bwd_nhwc, n, dx.size + dy.size, layout.flat(dy), arg.reshape(-1),
+                       n, h * w, c, oh * ow, dx.reshape(-1))
+        return (dx.transpose(0, 3, 1, 2),)
     _check_dy("max_pool2d", dy, arg.shape, dtype)
     if path == "numba" and _fast(dy):
         dy = np.ascontiguousarray(dy)
@@ -351,6 +422,15 @@ def avg_pool2d_forward(x, kernel, stride=None, pad=0):
     op = "avg_pool2d"
     kernel, stride, pad, (oh, ow) = _check_args(op, x, kernel, stride, pad)
     out_shape = (x.shape[0], x.shape[1], oh, ow)
+    if layout.is_channels_last(x):
+        n, c, h, w = x.shape
+        if (oh, ow) == (1, 1) and kernel == (h, w) and pad == (0, 0):
+            # global pooling: the mean of each pixel's channel vector, over (H, W) rows
+            rows = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)
+            y = rows.mean(axis=1).astype(x.dtype, copy=False).reshape(out_shape)
+            return y, ("channels_last_global", out_shape, x.shape, x.dtype, kernel, stride, pad)
+        y, cache = avg_pool2d_forward(layout.to_nchw(x), kernel, stride, pad)
+        return layout.to_channels_last(y), ("channels_last", cache)
     if kernels.numba_ok(x):
         x = np.ascontiguousarray(x)
         y = np.empty(out_shape, dtype=x.dtype)
@@ -368,8 +448,17 @@ def avg_pool2d_backward(dy, cache):
 
     dy : (N, C, OH, OW).  Returns ``(dx,)`` with dx (N, C, H, W).
     """
+    if cache[0] == "channels_last":
+        (dx,) = avg_pool2d_backward(layout.to_nchw(dy), cache[1])
+        return (layout.to_channels_last(dx),)
     path, out_shape, x_shape, dtype, kernel, stride, pad = cache
     _check_dy("avg_pool2d", dy, out_shape, dtype)
+    if path == "channels_last_global":
+        n, c, h, w = x_shape
+        xp = backend.get_array_module(dy)
+        share = (dy.reshape(n, 1, 1, c) / (h * w)).astype(dtype, copy=False)
+        dx = xp.ascontiguousarray(xp.broadcast_to(share, (n, h, w, c)))
+        return (dx.transpose(0, 3, 1, 2),)
     if path == "numba" and _fast(dy):
         dy = np.ascontiguousarray(dy)
         dx = np.empty(x_shape, dtype=dy.dtype)

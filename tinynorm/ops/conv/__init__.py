@@ -39,6 +39,8 @@ The package, one module per algorithm:
   first such convolution warns once, naming the reason;
 * :mod:`.generic`   -- ``generic``: array-generic im2col + matmul (the GPU
   fallback, ``use_numba`` off);
+* :mod:`.onednn`    -- ``onednn``: float32 CPU arrays through Intel's oneDNN
+  (optional; ``use_onednn``), in NCHW or channels-last memory;
 * :mod:`.reference` -- the slow direct convolution the tests hold every plan to.
 
 Every numba kernel runs through ``_kernels.launch``, which decides between
@@ -54,7 +56,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import settings
-from . import cudnn, generic, im2col, pointwise, winograd
+from .. import layout
+from . import cudnn, generic, im2col, onednn, pointwise, winograd
 from .args import check_args, check_dy
 from .pipeline import release_workspaces
 from .plan import ALGORITHMS, ConvPlan, conv_plan, make_plan
@@ -70,7 +73,7 @@ __all__ = [
 # backward(dy, x, w, plan, need_dx, need_dw, need_db)
 _IMPLEMENTATIONS = {
     "winograd4": winograd, "winograd2": winograd, "pointwise": pointwise, "im2col": im2col,
-    "cudnn": cudnn, "generic": generic,
+    "cudnn": cudnn, "generic": generic, "onednn": onednn,
 }
 assert set(_IMPLEMENTATIONS) == set(ALGORITHMS)
 
@@ -90,11 +93,15 @@ def _warn_fallback(plan):
 
 class ConvCache(NamedTuple):
     """What ``conv2d_forward`` hands its backward: the input (a reference),
-    the weight, whether there is a bias, and the plan it ran."""
+    the weight, whether there is a bias, the plan it ran, and whether the
+    output is channels-last (:mod:`tinynorm.ops.layout`) and whether the input
+    was (dx comes back in the input's layout)."""
     x: object
     w: object
     has_bias: bool
     plan: ConvPlan
+    channels_last: bool = False
+    input_channels_last: bool = False
 
 
 def conv2d_forward(x, w, b=None, stride=1, pad=0):
@@ -109,7 +116,9 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
 
     Returns
     -------
-    y : (N, C_out, OH, OW), C-contiguous, OH = (H + 2*ph - kh) // sh + 1
+    y : (N, C_out, OH, OW), OH = (H + 2*ph - kh) // sh + 1; C-contiguous, or
+        channels-last when x is or the ``channels_last`` setting is on (NumPy
+        arrays; :mod:`tinynorm.ops.layout`)
     cache : a :class:`ConvCache` for :func:`conv2d_backward`; ``cache.plan`` is
         the :class:`ConvPlan` that ran
     """
@@ -118,17 +127,31 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
                      gpu=xp is not np)
     if plan.fallback:
         _warn_fallback(plan)
-    x = xp.ascontiguousarray(x)     # cached for the backward, which wants it contiguous
+    input_cl = layout.is_channels_last(x)
+    # the output is channels-last when the input is, or when the channels_last
+    # setting asks (a model's first convolution then converts its activations)
+    channels_last = input_cl or (plan.settings.channels_last and xp is np)
+    native = plan.algorithm == "onednn"     # reads and writes channels-last memory itself
+    if native and channels_last:
+        x = layout.to_channels_last(x)
+    else:
+        x = xp.ascontiguousarray(x)         # cached for the backward, which wants it so
     y = _IMPLEMENTATIONS[plan.algorithm].forward(x, w, b, plan)
-    return y, ConvCache(x, w, b is not None, plan)
+    if channels_last:
+        y = layout.to_channels_last(y)      # no copy where the plan answered in it
+    return y, ConvCache(x, w, b is not None, plan, channels_last, input_cl)
 
 
 def _backward(dy, cache, need_dx, need_dw, need_db):
-    x, w, _, plan = cache
+    x, w, _, plan, _, input_cl = cache
     check_dy(dy, x, w, plan.out_hw)
     with settings.using(plan.settings):
-        return _IMPLEMENTATIONS[plan.algorithm].backward(dy, x, w, plan, need_dx, need_dw,
-                                                         need_db)
+        dx, dw, db = _IMPLEMENTATIONS[plan.algorithm].backward(dy, x, w, plan, need_dx,
+                                                               need_dw, need_db)
+    if dx is not None:
+        # in the layout the caller's x had (no copy where the plan answered in it)
+        dx = layout.to_channels_last(dx) if input_cl else layout.to_nchw(dx)
+    return dx, dw, db
 
 
 def conv2d_backward(dy, cache):

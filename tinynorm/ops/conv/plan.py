@@ -12,6 +12,8 @@ The algorithms (first match wins):
 ``generic``    CuPy arrays otherwise (``reason`` says why); NumPy arrays with
                ``use_numba`` off or ``force_generic`` on: array-generic
                im2col + matmul (:mod:`.generic`)
+``onednn``     float32 NumPy arrays with ``use_onednn`` on and oneDNN's
+               library loaded: oneDNN's convolution primitives (:mod:`.onednn`)
 ``winograd4``  3x3 kernel, stride 1, at least ``winograd_min_channels`` input
 ``winograd2``  and output channels, ``winograd`` on: Winograd F(4x4, 3x3)
                or F(2x2, 3x3) (:mod:`.winograd`), by ``winograd_tile``: 4, 2,
@@ -46,11 +48,11 @@ from ...settings import current as current_settings
 from .. import _gemm
 from .. import _geometry as geo
 from .. import _kernels as kernels
-from . import _winograd2, _winograd4, cudnn
+from . import _winograd2, _winograd4, cudnn, onednn
 
 __all__ = ["ConvPlan", "conv_plan", "ALGORITHMS", "geometry"]
 
-ALGORITHMS = ("winograd4", "winograd2", "pointwise", "im2col", "cudnn", "generic")
+ALGORITHMS = ("onednn", "winograd4", "winograd2", "pointwise", "im2col", "cudnn", "generic")
 
 # the F(m x m, 3x3) kernel module of each Winograd algorithm
 WINOGRAD_KERNELS = {"winograd4": _winograd4, "winograd2": _winograd2}
@@ -119,7 +121,7 @@ class ConvPlan:
         text = (f"ConvPlan({name}: x {tuple(self.x_shape)} {np.dtype(self.dtype).name}, "
                 f"w {tuple(self.w_shape)}, stride {stride}, pad {pad} -> "
                 f"{self.out_hw[0]}x{self.out_hw[1]}")
-        if name not in ("cudnn", "generic"):
+        if name not in ("cudnn", "generic", "onednn"):
             largest = -(-self.x_shape[0] // self.n_chunks)
             text += (f"; {self.n_chunks} chunk{'s' if self.n_chunks > 1 else ''} of <= "
                      f"{largest} on {self.threads} thread{'s' if self.threads > 1 else ''}")
@@ -240,6 +242,8 @@ def _winograd_tile(settings, x_shape, w_shape, out_hw):
 def _algorithm(settings, x_shape, w_shape, kernel, stride, pad, out_hw, dtype):
     if not numba_enabled(settings) or dtype not in kernels.FAST_DTYPES:
         return "generic"
+    if settings.use_onednn and onednn.supports(x_shape, w_shape, dtype):
+        return "onednn"
     if (settings.winograd and kernel == (3, 3) and stride == (1, 1)
             and min(x_shape[1], w_shape[0]) >= settings.winograd_min_channels):
         tile = _winograd_tile(settings, x_shape, w_shape, out_hw)
@@ -303,7 +307,7 @@ def make_plan(x_shape, w_shape, stride, pad, out_hw, dtype, gpu):
         return ConvPlan(algorithm, x_shape, w_shape, stride, pad, out_hw, dtype,
                         settings=settings, tf32=tf32, reason=reason, fallback=fallback)
     algorithm = _algorithm(settings, x_shape, w_shape, kernel, stride, pad, out_hw, dtype)
-    if algorithm == "generic":
+    if algorithm in ("generic", "onednn"):
         return ConvPlan(algorithm, x_shape, w_shape, stride, pad, out_hw, dtype,
                         settings=settings)
     n = x_shape[0]
