@@ -344,7 +344,6 @@ def batch_norm_backward_channels_last(dy, cache):
 
 def batch_norm_forward_reference(x, gamma, beta, eps, chunk=None):
     """The plain array-code batch norm; same contract as :func:`batch_norm_forward`."""
-    xp = get_array_module(x)
     layout = _layout(x, "batch_norm", chunk, training=True)
     check_eps("batch_norm", eps)
     _check_channel_param(gamma, "gamma", layout[2], "batch_norm")
