@@ -317,3 +317,18 @@ def test_float32_onednn_channels_last_steps_follow_the_float64_steps(model_name,
         losses32, model, _ = sgd_steps(model_name, norm, MODEL_KW[model_name], batch=4,
                                        dtype=np.float32)
     np.testing.assert_allclose(losses32, losses64, rtol=1e-4)
+
+
+def test_parallel_residual_sum_equals_numpy_in_every_layout():
+    from tinynorm.ops._elementwise import add, add_into
+    rng = np.random.default_rng(10)
+    a, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 4, 5))
+    for x, y, want_cl in [(a, b, False), (cl(a), cl(b), True), (a, cl(b), None)]:
+        s = add(x, y)
+        assert np.array_equal(s, a + b)
+        if want_cl is not None:                     # mixed layouts: NumPy's choice
+            assert is_cl(s) == want_cl
+        t = x.copy(order="K")
+        assert add_into(t, y) is t and np.array_equal(t, a + b)
+    with settings.using(use_numba=False):
+        assert np.array_equal(add(cl(a), cl(b)), a + b)

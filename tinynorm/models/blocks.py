@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..nn import Identity, Layer, Sequential
 from ..norms import UnitOptions, activation, conv_unit, norm_names, residual_scale
+from ..ops._elementwise import add, add_into
 
 __all__ = ["NORMS", "conv_unit", "activation", "Bottleneck"]
 
@@ -50,7 +51,7 @@ class Bottleneck(Layer):
 
     def forward(self, x):
         # out of place: the branch's last layer may keep its output for backward
-        s = self.children["branch"](x) + self.children["shortcut"](x)
+        s = add(self.children["branch"](x), self.children["shortcut"](x))
         if self.scale != 1.0:
             s *= s.dtype.type(self.scale)
         return self.children["act"](s)
@@ -60,7 +61,7 @@ class Bottleneck(Layer):
         if self.scale != 1.0:
             ds = ds * ds.dtype.type(self.scale)
         dx = self.children["branch"].backward(ds)
-        dx += self.children["shortcut"].backward(ds)
+        add_into(dx, self.children["shortcut"].backward(ds))
         return dx
 
     def __repr__(self):
