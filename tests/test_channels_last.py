@@ -267,7 +267,9 @@ def test_onednn_plan_matches_the_float64_reference(shape, c_out, k, s, p, bias, 
     dx_ref, dw_ref, db_ref = ops.conv2d_reference_backward(dy, cache_ref)
     x32 = x.astype(np.float32)
     x32 = cl(x32) if channels_last else x32
-    with settings.using(use_onednn=True):
+    # channels_last=False: an NCHW input stays NCHW (oneDNN's gemm kernels);
+    # with the default "auto" it would answer channels-last (tested below)
+    with settings.using(use_onednn=True, channels_last=False):
         y, cache = ops.conv2d_forward(x32, w.astype(np.float32),
                                       None if b is None else b.astype(np.float32), s, p)
     assert cache.plan.algorithm == "onednn"
@@ -287,7 +289,16 @@ def test_onednn_plan_matches_the_float64_reference(shape, c_out, k, s, p, bias, 
 
 @needs_onednn
 def test_onednn_is_chosen_only_where_asked_and_for_float32():
-    assert ops.conv_plan((4, 8, 6, 6), (8, 8, 3, 3), 1, 1).algorithm != "onednn"
+    with settings.using(use_onednn=False):
+        assert ops.conv_plan((4, 8, 6, 6), (8, 8, 3, 3), 1, 1).algorithm != "onednn"
+    # the default: float32 on oneDNN, and its output channels-last ("auto")
+    x = np.ones((4, 8, 6, 6), np.float32)
+    y, cache = ops.conv2d_forward(x, np.ones((8, 8, 3, 3), np.float32), None, 1, 1)
+    assert cache.plan.algorithm == "onednn" and is_cl(y)
+    dx = ops.conv2d_backward(np.ones(y.shape, np.float32), cache)[0]
+    assert dx.flags.c_contiguous                      # in the caller's layout
+    y64, cache64 = ops.conv2d_forward(x.astype(np.float64), np.ones((8, 8, 3, 3)), None, 1, 1)
+    assert cache64.plan.algorithm != "onednn" and y64.flags.c_contiguous
     with settings.using(use_onednn=True):
         assert ops.conv_plan((4, 8, 6, 6), (8, 8, 3, 3), 1, 1).algorithm == "onednn"
         assert ops.conv_plan((4, 8, 6, 6), (8, 8, 3, 3), 1, 1,

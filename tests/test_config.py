@@ -133,7 +133,7 @@ assert cache.plan.algorithm == "generic", cache.plan
 assert ops.max_pool2d_forward(x, 2)[1][0] == "generic"
 assert ops.avg_pool2d_forward(x, 2)[1][0] == "generic"
 assert not batchnorm.uses_fused_kernel(np.zeros((8, 64, 32, 32), np.float32))
-with config.using(use_numba=True):
+with config.using(use_numba=True, use_onednn=False):
     assert ops.conv_plan(x.shape, w.shape, 1, 1).algorithm == "winograd4"
 print("ok")
 """

@@ -7,6 +7,14 @@ from tinynorm import backend, config, ops
 from tinynorm.ops import _gemm
 
 
+@pytest.fixture(autouse=True)
+def _hand_written_plans():
+    """These tests pin the hand-written CPU plans' rules; float32 would take
+    oneDNN's plan by default (use_onednn) where its library loads."""
+    with config.using(use_onednn=False):
+        yield
+
+
 def rel_error(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 

@@ -219,6 +219,9 @@ def limit_threads(comm):
         return None
     threads = max(1, (os.cpu_count() or 1) // comm.local_size)
     from threadpoolctl import threadpool_limits
+
+    from .ops.conv import onednn
+    onednn.status()      # load oneDNN's OpenMP runtime first: threadpoolctl limits loaded ones
     threadpool_limits(threads)
     try:
         import numba

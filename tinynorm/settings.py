@@ -65,8 +65,8 @@ class Settings:
     winograd_min_channels: int = 16
     use_cudnn: bool = True
     allow_tf32: bool = False
-    use_onednn: bool = False
-    channels_last: bool = False
+    use_onednn: bool = True
+    channels_last: Union[bool, str] = "auto"
     # -- convolution: chunks of the batch and pipeline threads ----------------
     conv_chunk_bytes: int = 4 << 20
     winograd_chunk_bytes: int = 16 << 20
@@ -127,10 +127,12 @@ SETTINGS = {
     "use_onednn": (_is_bool, "a bool",
                    "float32 CPU convolutions through oneDNN when its library loads "
                    "(pip install onednn-cpu-gomp; else the hand-written plans)"),
-    "channels_last": (_is_bool, "a bool",
+    "channels_last": (lambda v: v == "auto" or _is_bool(v), "'auto', True or False",
                       "CPU convolutions answer in channels-last memory (NCHW shape, NHWC "
                       "memory; tinynorm.ops.layout), so a model's activations turn "
-                      "channels-last at its first convolution and stay so"),
+                      "channels-last at its first convolution and stay so; 'auto': where "
+                      "the convolution runs on oneDNN (whose fast kernels want it), not "
+                      "on the hand-written plans (which want NCHW)"),
     "conv_chunk_bytes": (_is_int(1), "an int >= 1",
                          "bytes per batch chunk of the im2col / GEMM workspaces of a CPU "
                          "convolution (a few MB: each thread's chunk stays in cache)"),

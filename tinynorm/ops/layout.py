@@ -12,8 +12,9 @@ affine maps; the ops that care (convolution, batch norm, pooling) read the
 layout from the array's strides and write their outputs in the same layout.
 
 A model turns channels-last at its first convolution when the
-``channels_last`` setting is on (:func:`tinynorm.ops.conv2d_forward` then
-answers in it; the input gradient comes back in the caller's layout), and
+``channels_last`` setting asks -- by default ("auto") where that convolution
+runs on oneDNN, whose fast kernels want it (:func:`tinynorm.ops.conv2d_forward`
+then answers in it; the input gradient comes back in the caller's layout), and
 the classifier's global pooling reads either layout.  The values are the same
 in both layouts; only the order of the float additions inside the kernels
 differs.

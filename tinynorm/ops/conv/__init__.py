@@ -117,8 +117,9 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
     Returns
     -------
     y : (N, C_out, OH, OW), OH = (H + 2*ph - kh) // sh + 1; C-contiguous, or
-        channels-last when x is or the ``channels_last`` setting is on (NumPy
-        arrays; :mod:`tinynorm.ops.layout`)
+        channels-last when x is or the ``channels_last`` setting asks (True;
+        "auto", the default: where the plan is oneDNN's; NumPy arrays;
+        :mod:`tinynorm.ops.layout`)
     cache : a :class:`ConvCache` for :func:`conv2d_backward`; ``cache.plan`` is
         the :class:`ConvPlan` that ran
     """
@@ -128,10 +129,11 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
     if plan.fallback:
         _warn_fallback(plan)
     input_cl = layout.is_channels_last(x)
+    native = plan.algorithm == "onednn"     # reads and writes channels-last memory itself
     # the output is channels-last when the input is, or when the channels_last
     # setting asks (a model's first convolution then converts its activations)
-    channels_last = input_cl or (plan.settings.channels_last and xp is np)
-    native = plan.algorithm == "onednn"     # reads and writes channels-last memory itself
+    want = plan.settings.channels_last
+    channels_last = input_cl or (xp is np and (want is True or (want == "auto" and native)))
     if native and channels_last:
         x = layout.to_channels_last(x)
     else:

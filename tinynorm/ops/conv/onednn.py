@@ -21,6 +21,8 @@ given in tinynorm's plain (C_out, C, kh, kw) layout; where the primitive
 wants its own blocked weight layout, a cached reorder primitive converts the
 weights per call (and the weight gradient back).  oneDNN's threads are
 OpenMP's: ``OMP_NUM_THREADS`` (the trainer's single-threaded runs set it to 1).
+The primitives are cached per process and run on the calling thread; they
+are not meant to be run concurrently from several Python threads.
 
 The constants below are the values of the C enums in oneDNN 3.2's headers
 (``dnnl_types.h``, ``dnnl_common_types.h``); the C API is stable across 3.x.
@@ -281,7 +283,15 @@ def _primitives(key):
 
 
 def _elem_strides(a):
-    return tuple(s // a.itemsize for s in a.strides)
+    """The element strides of ``a``'s layout, from its shape: channels-last or
+    plain NCHW (the only two it is given).  Not ``a.strides``: NumPy may give a
+    dimension of size 1 any stride."""
+    from .. import layout
+    if layout.is_channels_last(a):
+        return layout.channels_last_strides(a.shape)
+    if not a.flags.c_contiguous:
+        raise ValueError("onednn: the array is neither C-contiguous nor channels-last")
+    return _plain_strides(a.shape)
 
 
 def _key(x, w, has_bias, plan, y_strides):
