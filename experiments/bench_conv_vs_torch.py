@@ -86,8 +86,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--torch-channels-last", action="store_true")
-    p.add_argument("--onednn", action="store_true",
-                   help="tinynorm under use_onednn=True (oneDNN's primitives, float32)")
+    p.add_argument("--hand-written", action="store_true",
+                   help="tinynorm under use_onednn=False: the hand-written plans "
+                        "(default: oneDNN where its library loads)")
     p.add_argument("--channels-last", action="store_true",
                    help="tinynorm's x and dy in channels-last memory (tinynorm.ops.layout)")
     p.add_argument("--only", default="", help="substring of the shape label, e.g. 3x3")
@@ -101,8 +102,8 @@ def main():
     settings = {"winograd": False} if args.no_winograd else {}
     if args.winograd_tile is not None:
         settings["winograd_tile"] = args.winograd_tile
-    if args.onednn:
-        settings["use_onednn"] = True
+    if args.hand_written:
+        settings["use_onednn"] = False
     with config.using(**settings):
         return run(args)
 
@@ -134,17 +135,13 @@ def run(args):
         print("PyTorch is not installed: `pip install torch==2.13.0` (benchmark-only).")
         return 0
     backend.tune_allocator()
-    if args.onednn:
-        ok, why = ops.conv.onednn.status()     # load libdnnl before limiting threads
-        if not ok:
-            print(f"--onednn: {why}")
-            return 1
+    ops.conv.onednn.status()               # load libdnnl before limiting threads
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)        # again, now with torch's libraries loaded
     import numba
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
-    print(f"tinynorm {'oneDNN' if args.onednn else 'hand-written plans'}, "
+    print(f"tinynorm {'hand-written plans' if args.hand_written else 'default plans'}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}")
     print(f"batch {args.batch}, width {args.width}, {args.threads} threads, torch "
           f"{torch.__version__} {'channels-last' if args.torch_channels_last else 'NCHW'}, "

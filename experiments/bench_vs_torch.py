@@ -318,8 +318,8 @@ def measure_memory(engine, config, args):
            "--threads", str(args.threads), "--allocator", args.allocator]
     if args.torch_channels_last:
         cmd.append("--torch-channels-last")
-    cmd += [f for f, on in (("--onednn", args.onednn), ("--channels-last", args.channels_last))
-            if on]
+    if args.hand_written:
+        cmd.append("--hand-written")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         return float("nan")
@@ -369,10 +369,10 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--allocator", choices=("default", "tuned"), default="tuned")
     p.add_argument("--torch-channels-last", action="store_true")
-    p.add_argument("--onednn", action="store_true",
-                   help="tinynorm under use_onednn=True: float32 convolutions by oneDNN")
-    p.add_argument("--channels-last", action="store_true",
-                   help="tinynorm under channels_last=True: channels-last activations")
+    p.add_argument("--hand-written", action="store_true",
+                   help="tinynorm without oneDNN: the hand-written convolutions on NCHW "
+                        "(use_onednn=False, channels_last=False); default: the library's "
+                        "defaults (oneDNN, channels-last, where its library loads)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 agreement check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory children")
@@ -380,8 +380,10 @@ def main():
                    help=argparse.SUPPRESS)
     p.add_argument("--check-child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = p.parse_args()
-    with settings.using(use_onednn=args.onednn, channels_last=args.channels_last):
-        return _main(args)
+    if args.hand_written:
+        with settings.using(use_onednn=False, channels_last=False):
+            return _main(args)
+    return _main(args)
 
 
 def _main(args):
@@ -393,11 +395,7 @@ def _main(args):
         return 0
     import numba
     from threadpoolctl import threadpool_limits
-    if args.onednn:
-        ok, why = ops.conv.onednn.status()     # load libdnnl before limiting threads
-        if not ok:
-            print(f"--onednn: {why}")
-            return 1
+    onednn_ok, onednn_why = ops.conv.onednn.status()   # load libdnnl before limiting threads
     threadpool_limits(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
@@ -417,8 +415,9 @@ def _main(args):
     print(f"tinynorm vs PyTorch {torch.__version__}: batch {args.batch}, width {args.width}, "
           f"{args.threads} threads, allocator {args.allocator}, torch "
           f"{'channels-last' if args.torch_channels_last else 'NCHW'}, {args.steps} steps; "
-          f"tinynorm {'oneDNN' if args.onednn else 'hand-written'} convolutions, "
-          f"{'channels-last' if args.channels_last else 'NCHW'}")
+          f"tinynorm convolutions: "
+          f"{'hand-written, NCHW' if args.hand_written or not onednn_ok else 'oneDNN, channels-last'}"
+          f"{'' if onednn_ok or args.hand_written else ' (' + onednn_why + ')'}")
     print(f"BLAS: {blas_note()}", flush=True)
     rows = []
     for config in configs:
