@@ -21,6 +21,11 @@ Peak memory is measured in a fresh child process per engine and config (the
 growth of the peak RSS, VmHWM, over the RSS after the imports, across two
 training steps; ``--no-memory`` skips it, ``--memory-only`` does only that).
 
+``--separate`` times each engine alone in a child process of its own, with
+its own OpenMP waiting policy (tinynorm's default spins where oneDNN runs;
+alternating in one process needs passive waiting for both, see below), and
+prints the ratio of the two medians.
+
 ``--allocator tuned`` calls :func:`tinynorm.backend.tune_allocator`, which
 makes glibc keep freed memory (as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=...`` would); it is process-wide, so PyTorch gets
@@ -49,7 +54,11 @@ sys.path.insert(0, ROOT)
 # OpenBLAS's) otherwise spin after each parallel region and take a core from
 # whichever engine runs next (measured: tinynorm's cifar10-nv BN step 4.05 s
 # right after torch's vs 2.9 s with passive waiting).  Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ``--separate`` times each engine in a child process of its own instead, with
+# each library's own OpenMP default (the children are started with
+# BENCH_OWN_OMP_POLICY=1).
+if not os.environ.get("BENCH_OWN_OMP_POLICY"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import tinynorm  # noqa: E402,F401  first: sets OPENBLAS_THREAD_TIMEOUT before NumPy loads
 import numpy as np  # noqa: E402
 
@@ -312,6 +321,47 @@ def memory_child(engine, config, args):
     print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024}))
 
 
+def time_child(engine, config, args):
+    """Median ms of ``args.steps`` training steps of one engine, alone in this process."""
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.allocator == "tuned":
+        backend.tune_allocator()
+    model_name, norm, shape = CONFIGS[config]
+    x, y = make_batch(args.batch, shape, np.float32)
+    model, tmodel, _ = build_pair(model_name, norm, args.width, np.float32)
+    if engine == "tinynorm":
+        step = tinynorm_stepper(model)
+    else:
+        step = torch_stepper(tmodel, args.torch_channels_last)
+        x, y = torch_input(x, y, args.torch_channels_last)
+    for _ in range(args.warmup):
+        step(x, y)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"ms": 1e3 * statistics.median(times)}))
+
+
+def measure_time(engine, config, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--time-child", engine, config,
+           "--batch", str(args.batch), "--width", str(args.width), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--allocator", args.allocator]
+    if args.torch_channels_last:
+        cmd.append("--torch-channels-last")
+    if args.hand_written:
+        cmd.append("--hand-written")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["BENCH_OWN_OMP_POLICY"] = "1"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"time child {engine} {config} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["ms"]
+
+
 def measure_memory(engine, config, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", engine, config,
            "--batch", str(args.batch), "--width", str(args.width),
@@ -376,6 +426,12 @@ def main():
     p.add_argument("--no-check", action="store_true", help="skip the float64 agreement check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory children")
+    p.add_argument("--separate", action="store_true",
+                   help="time each engine alone in its own child process, with its own "
+                        "OpenMP waiting policy (default: both alternate in this process, "
+                        "OpenMP waiting passive for both)")
+    p.add_argument("--time-child", nargs=2, metavar=("ENGINE", "CONFIG"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--memory-child", nargs=2, metavar=("ENGINE", "CONFIG"),
                    help=argparse.SUPPRESS)
     p.add_argument("--check-child", metavar="CONFIG", help=argparse.SUPPRESS)
@@ -401,6 +457,9 @@ def _main(args):
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args)
+        return 0
+    if args.time_child:
+        time_child(*args.time_child, args)
         return 0
     if args.check_child:
         model_name, norm, _ = CONFIGS[args.check_child]
@@ -434,6 +493,18 @@ def _main(args):
             status = "ok" if err < 1e-9 else "MISMATCH"
             print(f"{config}: float64 check {status} (worst relative error {err:.1e} "
                   f"in {name})", flush=True)
+        if args.separate:
+            t_ms, th_ms = (measure_time("tinynorm", config, args),
+                           measure_time("torch", config, args))
+            row = {"config": config, "tinynorm_ms": t_ms, "torch_ms": th_ms,
+                   "ratio": t_ms / th_ms}
+            if not args.no_memory:
+                row["tinynorm_mb"] = measure_memory("tinynorm", config, args)
+                row["torch_mb"] = measure_memory("torch", config, args)
+            rows.append(row)
+            print(f"{config}: tinynorm {t_ms:.0f} ms, torch {th_ms:.0f} ms (separate "
+                  f"processes), ratio {row['ratio']:.2f}", flush=True)
+            continue
         model, tmodel, _ = build_pair(model_name, norm, args.width, np.float32)
         x, y = make_batch(args.batch, shape, np.float32)
         tx, ty = torch_input(x, y, args.torch_channels_last)
