@@ -14,24 +14,17 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 # whose idle workers spin after each parallel region by default and take the
 # cores from the OpenBLAS calls and pipeline threads that follow.  Measured
 # with `tinynorm profile` (cifar10-nv BN, batch 128, 2 cores): 1.76-1.79 s per
-# step spinning, 1.54-1.64 s with passive waiting.  With oneDNN installed the
-# float32 convolutions are OpenMP regions themselves, hundreds per step, and
-# the spinning that keeps the workers awake between them wins: width-0.25
-# ResNet-50 BN 750 ms per step with libgomp's default against 970-1080 ms
-# passive, cifar10-nv BN 145-162 ms against 159-176 ms (2 cores, Sapphire
-# Rapids).  So passive waiting only without oneDNN.  Read when the OpenMP
-# runtime starts (numba's first parallel kernel, oneDNN's load, or torch's).
-def _onednn_installed():
-    import importlib.metadata
-    try:
-        importlib.metadata.distribution("onednn-cpu-gomp")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return bool(os.environ.get("TINYNORM_DNNL_LIB"))
-
-
-if not _onednn_installed():
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# step spinning, 1.54-1.64 s with passive waiting.  oneDNN's convolutions are
+# OpenMP regions too, and on an idle machine spinning wins there (width-0.25
+# ResNet-50 BN 750 ms per step with libgomp's default, 970-1080 ms passive;
+# Sapphire Rapids, 2 cores) -- but with other work on the machine the spinning
+# workers take its time slices: beside three training processes, the test
+# suite's cifar10-nv smoke experiment ran over ten minutes and failed, where
+# the whole suite takes 14 minutes with passive waiting.  Passive by
+# default, then; `OMP_WAIT_POLICY=ACTIVE` in the environment for a machine of
+# one's own.  Read when the OpenMP runtime starts (numba's first parallel
+# kernel, oneDNN's load, or importing torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
