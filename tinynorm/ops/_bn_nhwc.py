@@ -34,13 +34,18 @@ def _blocks(rows, c):
     return max(1, min(rows, rows * c // _BLOCK_ELEMENTS))
 
 
+@njit(cache=True, inline="always")
+def _block(gb, n_blocks, rows):
+    """Block gb of the (group, block) pairs: its group and its rows [r0, r1)."""
+    g = gb // n_blocks
+    b = gb - g * n_blocks
+    return g, b * rows // n_blocks, (b + 1) * rows // n_blocks
+
+
 @njit(parallel=True, cache=True)
 def _sum_kernel(x, n_groups, rows, c, n_blocks, s1):
     for gb in prange(n_groups * n_blocks):
-        g = gb // n_blocks
-        b = gb - g * n_blocks
-        r0 = b * rows // n_blocks
-        r1 = (b + 1) * rows // n_blocks
+        g, r0, r1 = _block(gb, n_blocks, rows)
         out = uint64(gb * c)
         for j in range(uint64(c)):
             s1[out + j] = 0.0
@@ -54,10 +59,7 @@ def _sum_kernel(x, n_groups, rows, c, n_blocks, s1):
 def _centred_squares_kernel(x, n_groups, rows, c, n_blocks, centre, s2):
     # (x - centre)^2 in x's dtype, summed in float64: the array code's rounding
     for gb in prange(n_groups * n_blocks):
-        g = gb // n_blocks
-        b = gb - g * n_blocks
-        r0 = b * rows // n_blocks
-        r1 = (b + 1) * rows // n_blocks
+        g, r0, r1 = _block(gb, n_blocks, rows)
         gc = uint64(g * c)
         out = uint64(gb * c)
         for j in range(uint64(c)):
@@ -72,10 +74,7 @@ def _centred_squares_kernel(x, n_groups, rows, c, n_blocks, centre, s2):
 @njit(parallel=True, cache=True)
 def _normalize_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y):
     for gb in prange(n_groups * n_blocks):
-        g = gb // n_blocks
-        b = gb - g * n_blocks
-        r0 = b * rows // n_blocks
-        r1 = (b + 1) * rows // n_blocks
+        g, r0, r1 = _block(gb, n_blocks, rows)
         gc = uint64(g * c)
         for r in range(r0, r1):
             off = uint64((g * rows + r) * c)
@@ -86,10 +85,7 @@ def _normalize_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y):
 @njit(parallel=True, cache=True)
 def _grad_sums_kernel(dy, x, n_groups, rows, c, n_blocks, mean, sdy, sdyx):
     for gb in prange(n_groups * n_blocks):
-        g = gb // n_blocks
-        b = gb - g * n_blocks
-        r0 = b * rows // n_blocks
-        r1 = (b + 1) * rows // n_blocks
+        g, r0, r1 = _block(gb, n_blocks, rows)
         gc = uint64(g * c)
         out = uint64(gb * c)
         for j in range(uint64(c)):
@@ -108,10 +104,7 @@ def _grad_input_kernel(dy, x, n_groups, rows, c, n_blocks, mean, inv_std, k_dy, 
                        k_xhat, dx):
     # dx = k_dy*dy - k_sum - k_xhat * x_hat,  x_hat = (x - mean) * inv_std
     for gb in prange(n_groups * n_blocks):
-        g = gb // n_blocks
-        b = gb - g * n_blocks
-        r0 = b * rows // n_blocks
-        r1 = (b + 1) * rows // n_blocks
+        g, r0, r1 = _block(gb, n_blocks, rows)
         gc = uint64(g * c)
         for r in range(r0, r1):
             off = uint64((g * rows + r) * c)
