@@ -343,3 +343,48 @@ def test_parallel_residual_sum_equals_numpy_in_every_layout():
         assert add_into(t, y) is t and np.array_equal(t, a + b)
     with settings.using(use_numba=False):
         assert np.array_equal(add(cl(a), cl(b)), a + b)
+
+
+# ----------------------------------------------------------------------------
+# finite differences (float64) through the channels-last kernels themselves
+# ----------------------------------------------------------------------------
+
+def _cl_args(*arrays):
+    return [cl(a) if getattr(a, "ndim", 0) == 4 else a for a in arrays]
+
+
+def test_channels_last_batch_norm_kernels_pass_gradcheck():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 3, 5, 6)) * 2 + 1
+    g, b = rng.standard_normal(3), rng.standard_normal(3)
+    paths = set()
+
+    def forward(*args):
+        y, cache = ops.batch_norm_forward(*args)
+        paths.add(cache.fused)
+        return y, cache
+    with settings.using(bn_fused_min_size=0):
+        results = gradcheck.gradcheck(forward, ops.batch_norm_backward,
+                                      *_cl_args(x, g, b), 1e-5, 2,
+                                      names=("x", "gamma", "beta", "eps", "chunk"))
+    assert paths == {"channels_last"}                # gradcheck kept the layout
+    assert {r.name for r in results} == {"x", "gamma", "beta"}
+
+
+def test_channels_last_pooling_kernels_pass_gradcheck():
+    rng = np.random.default_rng(12)
+    x = rng.permutation(np.arange(2 * 3 * 7 * 6, dtype=np.float64)).reshape(2, 3, 7, 6) * 0.1
+    for op, backward, args, path in [
+            (ops.max_pool2d_forward, ops.max_pool2d_backward, (cl(x), 3, 2, 1),
+             "channels_last_numba"),
+            (ops.avg_pool2d_forward, ops.avg_pool2d_backward, (cl(x), (7, 6), 1, 0),
+             "channels_last_global")]:
+        paths = set()
+
+        def forward(*a, op=op, paths=paths):
+            y, cache = op(*a)
+            paths.add(cache[0])
+            return y, cache
+        results = gradcheck.gradcheck(forward, backward, *args,
+                                      names=("x", "kernel", "stride", "pad"))
+        assert paths == {path} and [r.name for r in results] == ["x"]

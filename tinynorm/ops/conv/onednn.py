@@ -363,11 +363,7 @@ def forward(x, w, b, plan):
 def backward(dy, x, w, plan, need_dx, need_dw, need_db):
     """(dx, dw, db), each None when not asked for; dx in x's layout."""
     from .. import layout
-    y_shape = tuple(dy.shape)
-    y_layout = layout.empty_like_layout(x, y_shape)        # the forward's output layout
-    if _elem_strides(dy) != _elem_strides(y_layout):
-        y_layout[...] = dy
-        dy = y_layout
+    dy = layout.like(dy, x)                 # the forward's output layout (no copy if so)
     prims = _primitives(_key(x, w, need_db, plan, _elem_strides(dy)))
     dx = dw = db = None
     if need_dx:
