@@ -53,7 +53,7 @@ def parse_args(description, extra=None):
     p.add_argument("--data-root", default=None, help="data set directory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from the logs")
-    p.add_argument("--seeds", type=_seed_list, default=None,
+    p.add_argument("--seeds", type=seed_list, default=None,
                    help="comma-separated seeds of the multi-seed variants, e.g. 0,1,2 "
                         "(default: the preset's)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=None,
@@ -66,14 +66,14 @@ def parse_args(description, extra=None):
     return args
 
 
-def _seed_list(text):
+def seed_list(text):
     try:
         seeds = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds: a comma-separated list of integers, "
+        raise argparse.ArgumentTypeError(f"a comma-separated list of integers, "
                                          f"got {text!r}") from None
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds: distinct integers >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"distinct integers >= 0, got {text!r}")
     return seeds
 
 

@@ -36,17 +36,21 @@ Presets:
            bn, wn              3 seeds each (--seeds), the headline pair;
            wn_dropout          dropout p = 0.5 on the pooled features before the
                                classifier (the paper does not say where or how
-                               much; Srivastava et al.'s fully connected value), 1 seed;
-           wn_wd5e-4           weight decay 5e-4 (5x the paper's), 1 seed;
-           trelu               TReLU WN, 1 seed, the whole length;
+                               much; Srivastava et al.'s fully connected value);
+           wn_wd5e-4           weight decay 5e-4 (5x the paper's);
+           trelu               TReLU WN, the whole length;
            normprop_lr<lr>     the first 300 iterations at lr 0.1, 0.03, 0.01, 0.003;
            normprop            the whole length at the largest of those lrs that
                                did not diverge (chosen from the sweep's logs).
+         wn_dropout, wn_wd5e-4, trelu and normprop run with seed 0 (the
+         issue's one seed each) unless --other-seeds says more, e.g. 0,1; the
+         sweep always runs with seed 0.
   smoke: width 1/16, 256 images, 1 epoch, one seed.
 
     python experiments/fig3_resnet50.py --preset cpu [--only bn_s0,wn_s0] [--seeds 0,1,2]
+                                        [--other-seeds 0,1]
 """
-from common import figure_path, log_dir, parse_args, run_variants, seeded
+from common import figure_path, log_dir, parse_args, run_variants, seed_list, seeded
 
 # diverge_loss 1e4: NormProp's outputs grow through the 16 blocks at init (see
 # RESULTS.md), so its first losses are in the hundreds; only a loss far beyond
@@ -69,8 +73,13 @@ SWEEP_LRS = (0.1, 0.03, 0.01, 0.003)
 SWEEP_ITERS = 300
 
 
-def variants(preset, seeds=None):
-    """The runs of a preset; NormProp's full run needs the sweep's logs (see main)."""
+OTHER = ("wn_dropout", "wn_wd5e-4", "trelu")
+
+
+def variants(preset, seeds=None, other_seeds=(0,)):
+    """The runs of a preset: the headline pair with ``seeds`` (default: the
+    preset's), the cpu preset's other variants with ``other_seeds``, the sweep
+    with seed 0; NormProp's full run needs the sweep's logs (see main)."""
     base = {norm: dict(COMMON, norm=norm, **PRESETS[preset]) for norm in ("bn", "wn", "trelu")}
     if preset != "cpu":
         base["normprop"] = dict(COMMON, norm="normprop", **PRESETS[preset])
@@ -81,7 +90,8 @@ def variants(preset, seeds=None):
     for lr in SWEEP_LRS:
         base[f"normprop_lr{lr:g}"] = dict(COMMON, norm="normprop", **PRESETS[preset], lr=lr,
                                           max_iters=SWEEP_ITERS)
-    return seeded(base, {"bn": headline, "wn": headline})
+    return seeded(base, {"bn": headline, "wn": headline,
+                         **{name: tuple(other_seeds) for name in OTHER}})
 
 
 def normprop_lr(sweep_logs):
@@ -93,10 +103,14 @@ def normprop_lr(sweep_logs):
 
 
 def main():
-    args = parse_args(__doc__)
-    runs = variants(args.preset, args.seeds)
+    args = parse_args(__doc__, extra=lambda p: p.add_argument(
+        "--other-seeds", type=seed_list, default=(0,),
+        help="seeds of the cpu preset's wn_dropout, wn_wd5e-4, trelu and full normprop runs "
+             "(default: 0)"))
+    runs = variants(args.preset, args.seeds, args.other_seeds)
+    full_names = tuple(f"normprop_s{s}" for s in args.other_seeds)
     logs = run_variants("fig3_resnet50", runs, args,
-                        known=("normprop_s0",) if args.preset == "cpu" else ())
+                        known=full_names if args.preset == "cpu" else ())
     if args.preset == "cpu":
         # the sweep's finished logs, whether this call ran them or an earlier one
         done = log_dir(args.preset, "fig3_resnet50", args.runs)
@@ -108,7 +122,7 @@ def main():
                 print("[fig3_resnet50] normprop: every sweep lr diverged; no full run")
             else:
                 full = dict(COMMON, norm="normprop", **PRESETS["cpu"], lr=lr)
-                logs.update(run_variants("fig3_resnet50", seeded({"normprop": full}, (0,)), args,
+                logs.update(run_variants("fig3_resnet50", seeded({"normprop": full}, args.other_seeds), args,
                                          strict=False))
     if logs:
         from plots.figures import plot_output_norms, plot_seeded_curves, seed_table

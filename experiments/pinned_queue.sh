@@ -4,8 +4,10 @@
 # docs/claims-runs.md).  Resumable: a variant with a checkpoint resumes, a
 # finished one is skipped.
 #
-#   bash experiments/pinned_queue.sh COMMIT CLONE QUEUE SCRIPT VARIANTS
+#   bash experiments/pinned_queue.sh COMMIT CLONE QUEUE SCRIPT VARIANTS [ARGS...]
 #   e.g. bash experiments/pinned_queue.sh 54c82c7 /work/claims A fig3_resnet50 bn_s1,bn_s2
+#
+# ARGS go to the script after its --preset/--runs/--only (e.g. --other-seeds 0,1).
 #
 # CLONE is created at COMMIT if missing (and must be at COMMIT if present);
 # checkpoints saved under checkpoints/<SCRIPT>/<variant>/ in this repository
@@ -16,8 +18,9 @@
 # CLONE/logs/QUEUE.log.  Start it with setsid nohup ... & to
 # keep it running in the background.
 set -euo pipefail
-[ $# -eq 5 ] || { echo "usage: $0 COMMIT CLONE QUEUE SCRIPT VARIANTS" >&2; exit 2; }
+[ $# -ge 5 ] || { echo "usage: $0 COMMIT CLONE QUEUE SCRIPT VARIANTS [ARGS...]" >&2; exit 2; }
 commit=$1 clone=$2 queue=$3 script=$4 variants=$5
+shift 5
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ ! -d "$clone/.git" ]; then
   git clone -q "$repo" "$clone"
@@ -42,5 +45,5 @@ done
 mkdir -p "$clone/logs"
 cd "$clone"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 PYTHONHASHSEED=0
-exec python experiments/"$script".py --preset cpu --runs "$clone/runs" --only "$variants" \
+exec python experiments/"$script".py --preset cpu --runs "$clone/runs" --only "$variants" "$@" \
   >> "logs/$queue.log" 2>&1

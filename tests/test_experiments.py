@@ -130,3 +130,32 @@ def test_only_runs_the_named_variants_in_the_given_order_and_names_a_typo(tmp_pa
         common.run_variants("exp", variants, args)
     assert list(common.run_variants("exp", variants, args, known=("d_s0",))) == ["c_s0"]
     assert list(common.run_variants("exp", variants, args, strict=False)) == ["c_s0"]
+
+
+def test_fig3_other_seeds_name_one_run_per_seed_and_leave_the_sweep_at_seed_0():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import fig3_resnet50 as fig3
+    default = fig3.variants("cpu")
+    assert {n for n in default if n.startswith(("bn_", "wn_s"))} == {
+        "bn_s0", "bn_s1", "bn_s2", "wn_s0", "wn_s1", "wn_s2"}
+    assert {"wn_dropout_s0", "wn_wd5e-4_s0", "trelu_s0"} <= set(default)
+    assert "trelu_s1" not in default
+    more = fig3.variants("cpu", seeds=(0,), other_seeds=(0, 1))
+    for name in ("wn_dropout", "wn_wd5e-4", "trelu"):
+        assert more[f"{name}_s1"]["seed"] == 1
+        assert {k: v for k, v in more[f"{name}_s1"].items() if k != "seed"} == \
+            {k: v for k, v in default[f"{name}_s0"].items() if k != "seed"}
+    assert "bn_s1" not in more
+    assert sorted(n for n in more if n.startswith("normprop_lr")) == sorted(
+        n for n in default if n.startswith("normprop_lr"))
+    assert all(n.endswith("_s0") for n in more if n.startswith("normprop_lr"))
+
+
+def test_seed_list_rejects_repeats_and_negatives():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import argparse
+    import common
+    assert common.seed_list("0,1") == (0, 1)
+    for bad in ("0,0", "-1", "a", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.seed_list(bad)
