@@ -32,6 +32,14 @@ glibc.malloc.trim_threshold=...`` would); it is process-wide, so PyTorch gets
 it too.  ``default`` leaves glibc alone for both.  ``--torch-channels-last``
 runs PyTorch in channels-last memory format (its fastest CPU layout).
 
+``--breakdown`` prints, per config, where each engine's step goes, by layer
+type and pass: tinynorm's from :func:`tinynorm.profile.profile_step` (a timer
+around every leaf layer), PyTorch's from its profiler (the self CPU time of
+every aten op, put in the same categories by name: ``*convolution*``,
+``*batch_norm*``, ``relu``/``clamp_min``/``threshold_backward``, ``*pool*``; an op with
+``backward`` in its name counts as backward).  Timers add a little to
+either engine's total; read the per-category differences.
+
 The BLAS in use (threadpoolctl) and the OpenBLAS environment variables are
 printed: an ``OPENBLAS_CORETYPE=Haswell`` in the environment forces a slower
 GEMM kernel than the SkylakeX one OpenBLAS picks on its own on this CPU.
@@ -67,6 +75,7 @@ from tinynorm.models import cifar10_nv, resnet50  # noqa: E402
 from tinynorm.nn import (BatchNorm, Conv2d, GlobalAvgPool2d, Identity, Linear,  # noqa: E402
                          MaxPool2d, ReLU, Sequential, WNConv2d, WNLinear)
 from tinynorm.models.blocks import Bottleneck  # noqa: E402
+from tinynorm.nn import skip_input_grad  # noqa: E402
 from tinynorm.optim import SGD, LRSchedule  # noqa: E402
 
 CONFIGS = {
@@ -215,6 +224,7 @@ def torch_twin(model, dtype):
 def tinynorm_stepper(model):
     opt = SGD(model, LRSchedule("constant", LR, 10**9), momentum=MOMENTUM)
     model.train()
+    skip_input_grad(model)     # as the trainer does (PyTorch's input has no requires_grad)
 
     def step(x, y):
         logits = model(x)
@@ -288,6 +298,65 @@ CONFIGS_SHAPE = {"cifar10_nv": (3, 28, 28), "resnet50": (3, 32, 32)}
 # ----------------------------------------------------------------------------
 # memory (child process per engine and config)
 # ----------------------------------------------------------------------------
+
+BREAKDOWN_CATEGORIES = ("convolution", "batch norm", "relu", "pooling")
+
+
+def torch_category(op_name):
+    """The tinynorm.profile category of an aten op, by its name."""
+    name = op_name.lower()
+    if "convolution" in name:
+        return "convolution"
+    if "batch_norm" in name:
+        return "batch norm"
+    if "relu" in name or "clamp_min" in name or "threshold_backward" in name:
+        return "relu"
+    if "pool" in name:
+        return "pooling"
+    return "other"
+
+
+def breakdown(config, args):
+    """Print tinynorm's and PyTorch's step, by category and pass (ms)."""
+    import torch
+    from tinynorm.profile import profile_step
+    model_name, norm, shape = CONFIGS[config]
+    model, tmodel, _ = build_pair(model_name, norm, args.width, np.float32)
+    x, y = make_batch(args.batch, shape, np.float32)
+    res = profile_step(model, x, y, steps=args.steps, warmup=args.warmup, lr=LR)
+    tn = {c: dict(res["by_pass"].get(c, {"forward": 0.0, "backward": 0.0}))
+          for c in BREAKDOWN_CATEGORIES}
+    tn["other"] = {"forward": res["total"] - sum(v["forward"] + v["backward"]
+                                                 for v in tn.values()), "backward": 0.0}
+    tn_total = res["total"]
+    tx, ty = torch_input(x, y, args.torch_channels_last)
+    th_step = torch_stepper(tmodel, args.torch_channels_last)
+    for _ in range(args.warmup):
+        th_step(tx, ty)
+    th = {c: {"forward": 0.0, "backward": 0.0} for c in (*BREAKDOWN_CATEGORIES, "other")}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            th_step(tx, ty)
+        th_total = (time.perf_counter() - t0) / args.steps
+    for ev in prof.key_averages():
+        cat = torch_category(ev.key)
+        side = "backward" if "backward" in ev.key.lower() else "forward"
+        th[cat][side] += ev.self_cpu_time_total * 1e-6 / args.steps
+    # what no op accounts for (Python, autograd's engine) goes to "other"
+    th["other"]["forward"] += th_total - sum(v["forward"] + v["backward"] for v in th.values())
+    print(f"{config}: ms per step, tinynorm / PyTorch "
+          f"({'channels-last' if args.torch_channels_last else 'NCHW'})")
+    print(f"  {'category':<12}{'fwd tn':>9}{'fwd th':>9}{'bwd tn':>9}{'bwd th':>9}"
+          f"{'tn - th':>9}")
+    for cat in (*BREAKDOWN_CATEGORIES, "other"):
+        a, b = tn[cat], th[cat]
+        diff = a["forward"] + a["backward"] - b["forward"] - b["backward"]
+        print(f"  {cat:<12}{1e3 * a['forward']:>9.1f}{1e3 * b['forward']:>9.1f}"
+              f"{1e3 * a['backward']:>9.1f}{1e3 * b['backward']:>9.1f}{1e3 * diff:>9.1f}")
+    print(f"  {'total':<12}{1e3 * tn_total:>36.1f} / {1e3 * th_total:.1f}"
+          f"  ratio {tn_total / th_total:.2f}", flush=True)
+
 
 def _status_kb(field):
     """A /proc/self/status memory field in kB (VmRSS: now, VmHWM: peak).
@@ -430,6 +499,8 @@ def main():
                    help="time each engine alone in its own child process, with its own "
                         "OpenMP waiting policy (default: both alternate in this process, "
                         "OpenMP waiting passive for both)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="where each engine's step goes, by layer type and pass")
     p.add_argument("--time-child", nargs=2, metavar=("ENGINE", "CONFIG"),
                    help=argparse.SUPPRESS)
     p.add_argument("--memory-child", nargs=2, metavar=("ENGINE", "CONFIG"),
@@ -493,6 +564,9 @@ def _main(args):
             status = "ok" if err < 1e-9 else "MISMATCH"
             print(f"{config}: float64 check {status} (worst relative error {err:.1e} "
                   f"in {name})", flush=True)
+        if args.breakdown:
+            breakdown(config, args)
+            continue
         if args.separate:
             t_ms, th_ms = (measure_time("tinynorm", config, args),
                            measure_time("torch", config, args))

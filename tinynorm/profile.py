@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from . import backend, ops
+from .nn import skip_input_grad
 from .optim import SGD, LRSchedule
 
 __all__ = ["CATEGORIES", "categories", "category_of", "profile_step", "format_profile"]
@@ -59,10 +60,13 @@ def profile_step(model, x, y, steps=3, warmup=1, lr=1e-3, tune_allocator=True):
     leaves').  Parameters change (SGD with a small lr) as in real training.
     ``tune_allocator``: call :func:`tinynorm.backend.tune_allocator` first
     (process-wide), so that the step is timed as the trainer runs it, without
-    page faults on every fresh activation.
+    page faults on every fresh activation.  The model's first layer skips
+    its input gradient from then on (:func:`tinynorm.nn.skip_input_grad`), as
+    in the trainer.
     """
     if tune_allocator:
         backend.tune_allocator()
+    skip_input_grad(model)      # as the trainer does
     device = model.device
     opt = SGD(model, LRSchedule("constant", lr, 10**9), momentum=0.9)
     timings = defaultdict(float)

@@ -67,6 +67,7 @@ class Settings:
     allow_tf32: bool = False
     use_onednn: bool = True
     channels_last: Union[bool, str] = "auto"
+    fuse_relu: bool = True
     # -- convolution: chunks of the batch and pipeline threads ----------------
     conv_chunk_bytes: int = 4 << 20
     winograd_chunk_bytes: int = 16 << 20
@@ -133,6 +134,12 @@ SETTINGS = {
                       "channels-last at its first convolution and stay so; 'auto': where "
                       "the convolution runs on oneDNN (whose fast kernels want it), not "
                       "on the hand-written plans (which want NCHW)"),
+    "fuse_relu": (_is_bool, "a bool",
+                  "a convolution or batch norm followed by a ReLU in a Sequential runs "
+                  "as one forward (the ReLU in place on the fresh output, or in batch "
+                  "norm's channels-last pass), and a residual block's sum and ReLU as "
+                  "one pass; "
+                  "the same values and gradients (tinynorm.nn.base)"),
     "conv_chunk_bytes": (_is_int(1), "an int >= 1",
                          "bytes per batch chunk of the im2col / GEMM workspaces of a CPU "
                          "convolution (a few MB: each thread's chunk stays in cache)"),

@@ -50,6 +50,7 @@ from . import runconfig as config_checks
 from .backend import to_numpy
 from .diagnostics import SignalRecorder, weight_coherences
 from .models import build_model
+from .nn import skip_input_grad
 from .optim import SGD, LRSchedule
 from .progress import EpochProgress
 from .runconfig import DEFAULTS, make_config, unit_options, upgrade_config
@@ -283,6 +284,7 @@ def _build_model(cfg, data):
                         num_classes=data.num_classes, width=cfg["width"], seed=cfg["seed"],
                         stem=cfg["stem"], opts=unit_options(cfg), depth=cfg["depth"],
                         linear_width=cfg["linear_width"], dtype=np.dtype(cfg["dtype"]), **extra)
+    skip_input_grad(model)      # the first convolution skips its backward-data pass
     return model.to(cfg["device"])
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ..nn import Identity, Layer, Sequential
 from ..norms import UnitOptions, activation, conv_unit, norm_names, residual_scale
-from ..ops._elementwise import add, add_into
+from .. import settings
+from ..ops._elementwise import add, add_into, add_relu
 
 __all__ = ["NORMS", "conv_unit", "activation", "Bottleneck"]
 
@@ -51,7 +52,13 @@ class Bottleneck(Layer):
 
     def forward(self, x):
         # out of place: the branch's last layer may keep its output for backward
-        s = add(self.children["branch"](x), self.children["shortcut"](x))
+        branch, shortcut = self.children["branch"](x), self.children["shortcut"](x)
+        act = self.children["act"]
+        if (self.scale == 1.0 and type(act).__dict__.get("takes_relu_output", False)
+                and settings.get("fuse_relu")):
+            # sum and ReLU in one pass (the act's output and cache, as unfused)
+            return act.adopt_relu_output(add_relu(branch, shortcut))
+        s = add(branch, shortcut)
         if self.scale != 1.0:
             s *= s.dtype.type(self.scale)
         return self.children["act"](s)

@@ -17,7 +17,21 @@ Dropout's generator, extend ``_to_device``); a model is built on the host
 (seeded NumPy init, the same numbers on every device) and moved as a whole.
 
 ``forward(x) -> y`` caches what ``backward(dy) -> dx`` needs.  ``train()`` and
-``eval()`` switch the mode recursively.  Full names are dotted paths, e.g.
+``eval()`` switch the mode recursively.
+
+A layer followed by a ReLU in a :class:`Sequential` may run the pair as one
+forward (the ``fuse_relu`` setting, on by default): a class that sets
+``fuses_relu = True`` in its own body (Conv2d, WNConv2d, BatchNorm) has a
+``forward_relu(x)`` returning relu(forward(x)) -- the ReLU in place on
+the layer's fresh output, or inside batch norm's channels-last normalizing
+pass -- and the ReLU (a class setting ``takes_relu_output = True``:
+``nn.ReLU``) adopts that result as its own output and cache.  The values,
+the caches' contents, every backward and what the output hooks see are
+those of the two separate forwards; only a second array and a pass over
+memory are saved.  A layer whose own output is observed
+(``track_output_norm``, a signal hook) is not fused.  oneDNN's ReLU
+post-op is not used: it maps a NaN pre-activation to 0, and a diverging
+network must keep showing NaN.  Full names are dotted paths, e.g.
 ``"3.conv.v"``; ``named_parameters()`` walks them in a fixed order.
 """
 from __future__ import annotations
@@ -27,7 +41,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 
-__all__ = ["Layer", "Sequential"]
+__all__ = ["Layer", "Sequential", "skip_input_grad"]
 
 
 class Layer:
@@ -52,7 +66,14 @@ class Layer:
         raise NotImplementedError
 
     def __call__(self, x):
-        y = self.forward(x)
+        return self._observed(self.forward(x))
+
+    def _is_observed(self) -> bool:
+        return self.track_output_norm or getattr(self, "_signal_hook", None) is not None
+
+    def _observed(self, y):
+        """What ``__call__`` does with a forward's output: the output norm
+        (``track_output_norm``) and the signal hook; returns y."""
         if self.track_output_norm:
             xp = get_array_module(y)
             self.output_norm = float(xp.sqrt((y.astype(xp.float64) ** 2).sum()))
@@ -166,8 +187,18 @@ class Sequential(Layer):
         return list(self.children.values())
 
     def forward(self, x):
-        for layer in self.children.values():
-            x = layer(x)
+        from .. import settings
+        layers = list(self.children.values())
+        fuse = settings.get("fuse_relu")
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if fuse and i + 1 < len(layers) and _fusable(layer, layers[i + 1]):
+                x = layers[i + 1].adopt_relu_output(layer.forward_relu(x))
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
         return x
 
     def backward(self, dy):
@@ -178,6 +209,33 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "\n".join(f"  ({n}): {l!r}".replace("\n", "\n  ") for n, l in self.children.items())
         return f"Sequential(\n{inner}\n)"
+
+
+def skip_input_grad(model):
+    """Let ``model``'s first layer skip the gradient of the network's input,
+    which training never uses: the layer reached through first children of
+    Sequentials (so that nothing else reads that input), if it has an
+    ``input_grad`` switch (Conv2d, WNConv2d: backward then computes the
+    weight gradients only, and ``model.backward`` returns None).  Returns
+    that layer, or None where there is none.  The trainer calls it; the
+    gradients of every parameter are unchanged."""
+    layer = model
+    while isinstance(layer, Sequential) and layer.children:
+        layer = next(iter(layer.children.values()))
+    if layer is model or not hasattr(layer, "input_grad"):
+        return None
+    layer.input_grad = False
+    return layer
+
+
+def _fusable(layer, nxt) -> bool:
+    """``layer`` then ``nxt`` may run as ``layer.forward_relu`` (see the module
+    docstring): both classes declare it in their own bodies (a subclass that
+    may have changed forward does not inherit it), and nothing observes
+    ``layer``'s output."""
+    return (type(layer).__dict__.get("fuses_relu", False)
+            and type(nxt).__dict__.get("takes_relu_output", False)
+            and not layer._is_observed())
 
 
 def _as_pair(v):

@@ -14,6 +14,13 @@ __all__ = ["Conv2d", "Linear", "ReLU", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2
 class Conv2d(Layer):
     """y = w * x + b.  params: ``w`` (C_out, C_in, kh, kw), ``b`` (C_out,) if bias."""
 
+    fuses_relu = True   # forward_relu: see tinynorm.nn.base
+    # False: backward computes dw (and db) only and returns None -- for a
+    # network's first layer, whose input gradient training never uses
+    # (tinynorm.nn.skip_input_grad; PyTorch skips it for an input without
+    # requires_grad)
+    input_grad = True
+
     def __init__(self, c_in, c_out, kernel, stride=1, pad=0, bias=True, *, rng=None,
                  init=DEFAULT_INIT, dtype=np.float32):
         super().__init__()
@@ -30,8 +37,16 @@ class Conv2d(Layer):
                                             self.stride, self.pad)
         return y
 
+    def forward_relu(self, x):
+        """relu(forward(x)): the ReLU in place on the fresh output (the cache
+        holds x and w, never y)."""
+        return ops.relu_inplace(self.forward(x))
+
     def backward(self, dy):
-        dx, dw, db = ops.conv2d_backward(dy, self._cache)
+        if self.input_grad:
+            dx, dw, db = ops.conv2d_backward(dy, self._cache)
+        else:
+            dx, (dw, db) = None, ops.conv2d_backward_filter(dy, self._cache)
         self.grads["w"] = dw
         if db is not None:
             self.grads["b"] = db
@@ -91,6 +106,15 @@ class _Stateless(Layer):
 
 
 class ReLU(_Stateless):
+    takes_relu_output = True   # adopt_relu_output: see tinynorm.nn.base
+
+    def adopt_relu_output(self, z):
+        """Take ``z`` = relu(x), computed by the layer before (its
+        ``forward_relu``), as this layer's output: the cache relu_forward(x)
+        would keep is z itself."""
+        self._cache = z
+        return self._observed(z)
+
     def _fwd(self, x):
         return ops.relu_forward(x)
 

@@ -103,10 +103,24 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(num_channels, dtype)
         self._cache = None
 
+    fuses_relu = True   # forward_relu: see tinynorm.nn.base
+
+    def forward_relu(self, x):
+        """relu(forward(x)): in training mode the channels-last kernels apply
+        the ReLU as they normalize, elsewhere it runs in place on the fresh
+        output (the caches hold x or x_hat, never y)."""
+        if not self.training:
+            return ops.relu_inplace(self.forward(x))
+        return self._forward(x, relu=True)
+
     def forward(self, x):
+        return self._forward(x)
+
+    def _forward(self, x, relu=False):
         gamma, beta = self.params.get("gamma"), self.params.get("beta")
         if self.training:
-            y, cache = ops.batch_norm_forward(x, gamma, beta, self.eps, self.chunk)
+            fwd = ops.batch_norm_relu_forward if relu else ops.batch_norm_forward
+            y, cache = fwd(x, gamma, beta, self.eps, self.chunk)
             _update_running(self.buffers["running_mean"], cache.batch_mean, self.momentum)
             _update_running(self.buffers["running_var"],
                             cache.batch_var * _unbiased_factor(cache.count), self.momentum)
@@ -390,11 +404,21 @@ class WNConv2d(_WNLayer):
         self._init_params((c_out, c_in, kh, kw), gain, bias, g_init, eps, rng, init, dtype,
                           norm_scale)
 
+    fuses_relu = True   # forward_relu: see tinynorm.nn.base
+    input_grad = True   # as Conv2d's (tinynorm.nn.skip_input_grad)
+
     def _apply(self, x, w, b):
         return ops.conv2d_forward(x, w, b, self.stride, self.pad)
 
+    def forward_relu(self, x):
+        """relu(forward(x)): the ReLU in place on the fresh output (the
+        caches hold x and the weights, never y)."""
+        return ops.relu_inplace(self.forward(x))
+
     def _unapply(self, dy, cache):
-        return ops.conv2d_backward(dy, cache)
+        if self.input_grad:
+            return ops.conv2d_backward(dy, cache)
+        return (None, *ops.conv2d_backward_filter(dy, cache))
 
     def __repr__(self):
         co, ci, kh, kw = self.params["v"].shape

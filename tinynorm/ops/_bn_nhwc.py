@@ -83,6 +83,20 @@ def _normalize_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y):
 
 
 @njit(parallel=True, cache=True)
+def _normalize_relu_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y):
+    # _normalize_kernel's value v, then relu: the value rounded to y's dtype,
+    # then max(., 0), gives the same bits as rounding max(v, 0)
+    for gb in prange(n_groups * n_blocks):
+        g, r0, r1 = _block(gb, n_blocks, rows)
+        gc = uint64(g * c)
+        for r in range(r0, r1):
+            off = uint64((g * rows + r) * c)
+            for j in range(uint64(c)):
+                v = (x[off + j] - mean[gc + j]) * scale[gc + j] + beta[j]
+                y[off + j] = 0 if v <= 0 else v   # NaN passes, as in relu_forward
+
+
+@njit(parallel=True, cache=True)
 def _grad_sums_kernel(dy, x, n_groups, rows, c, n_blocks, mean, sdy, sdyx):
     for gb in prange(n_groups * n_blocks):
         g, r0, r1 = _block(gb, n_blocks, rows)
@@ -119,9 +133,10 @@ def _flat(a):
     return a.transpose(0, 2, 3, 1).reshape(-1)
 
 
-def forward(x, gamma, beta, eps, layout):
+def forward(x, gamma, beta, eps, layout, relu=False):
     """y (channels-last like x), mean, var, inv_std ((G, C) float64) for the
-    channels-last x; ``layout`` = (G, k, C, S) as in ``batchnorm._layout``."""
+    channels-last x; ``layout`` = (G, k, C, S) as in ``batchnorm._layout``;
+    ``relu``: y = max(batch norm's y, 0) instead, in the same pass."""
     g, k, c, s = layout
     rows = k * s
     nb = _blocks(rows, c)
@@ -137,7 +152,8 @@ def forward(x, gamma, beta, eps, layout):
     scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)[None, :]
     beta64 = np.zeros(c) if beta is None else beta.astype(np.float64)
     y = np.empty((x.shape[0], x.shape[2], x.shape[3], c), dtype=x.dtype)
-    kernels.launch(_normalize_kernel, g * nb, 2 * x.size, xf, g, rows, c, nb,
+    kernels.launch(_normalize_relu_kernel if relu else _normalize_kernel, g * nb, 2 * x.size,
+                   xf, g, rows, c, nb,
                    mean.reshape(-1), scale.reshape(-1), beta64, y.reshape(-1))
     return y.transpose(0, 3, 1, 2), mean, var, inv_std
 

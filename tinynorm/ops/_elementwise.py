@@ -13,13 +13,20 @@ from numba import njit, prange
 from . import _kernels as kernels
 from . import layout
 
-__all__ = ["add", "add_into"]
+__all__ = ["add", "add_into", "add_relu"]
 
 
 @njit(parallel=True, cache=True)
 def _add_kernel(a, b, out):
     for i in prange(a.size):
         out[i] = a[i] + b[i]
+
+
+@njit(parallel=True, cache=True)
+def _add_relu_kernel(a, b, out):
+    for i in prange(a.size):
+        v = a[i] + b[i]
+        out[i] = 0 if v <= 0 else v    # NaN <= 0 is False: NaN passes, as in relu_forward
 
 
 def _same_dense(a, b):
@@ -48,3 +55,15 @@ def add_into(a, b):
     fa = layout.flat(a)
     kernels.launch(_add_kernel, a.size, 3 * a.size, fa, layout.flat(b), fa)
     return a
+
+
+def add_relu(a, b):
+    """max(a + b, 0), as a new array, in one pass (a residual block's sum and
+    its ReLU): the same values as ``relu_forward(add(a, b))[0]``."""
+    if not _same_dense(a, b):
+        from .activations import relu_inplace
+        return relu_inplace(a + b)
+    out = layout.empty_like_layout(a, a.shape)
+    kernels.launch(_add_relu_kernel, a.size, 3 * a.size, layout.flat(a), layout.flat(b),
+                   layout.flat(out))
+    return out

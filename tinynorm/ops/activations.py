@@ -16,7 +16,7 @@ from .. import backend
 from . import _kernels as kernels
 from . import layout
 
-__all__ = ["relu_forward", "relu_backward", "gradcheck_cases"]
+__all__ = ["relu_forward", "relu_inplace", "relu_backward", "gradcheck_cases"]
 
 
 @njit(parallel=True, cache=True)
@@ -50,6 +50,25 @@ def relu_forward(x):
         return y, y
     y = layout.dense(backend.get_array_module(x).maximum(x, 0))
     return y, y
+
+
+def relu_inplace(y):
+    """``y = max(y, 0)`` in y's own memory; returns y (the same values as
+    ``relu_forward(y)[0]``, NaN passing through).
+
+    For a layer's fresh output that nothing else holds (a convolution's or
+    batch norm's ``y`` before its ReLU: :class:`tinynorm.nn.Sequential` runs
+    the pair so): one read-write pass instead of a read pass and a write pass
+    to a new array.  The ReLU's cache is then y itself, as ``relu_forward``'s
+    is.
+    """
+    if kernels.numba_ok(y) and (y.flags.c_contiguous or layout.is_channels_last(y)):
+        fy = layout.flat(y)
+        kernels.launch(_relu_kernel, y.size, y.size, fy, fy)
+        return y
+    xp = backend.get_array_module(y)
+    # maximum(NaN, 0) is NaN, as the kernel's
+    return xp.maximum(y, y.dtype.type(0), out=y)
 
 
 def relu_backward(dy, cache):

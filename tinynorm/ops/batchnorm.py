@@ -46,7 +46,7 @@ from .layout import is_channels_last, to_channels_last
 
 __all__ = [
     "BatchNormCache",
-    "batch_norm_forward", "batch_norm_backward",
+    "batch_norm_forward", "batch_norm_relu_forward", "batch_norm_backward",
     "batch_norm_forward_reference", "batch_norm_backward_reference",
     "batch_norm_forward_fused", "batch_norm_backward_fused",
     "uses_fused_kernel", "fused_kernel_available", "uses_channels_last_kernel",
@@ -311,9 +311,24 @@ def uses_channels_last_kernel(x) -> bool:
             and kernels.fast_ok(x) and is_channels_last(x))
 
 
-def batch_norm_forward_channels_last(x, gamma, beta, eps, chunk=None):
+def batch_norm_relu_forward(x, gamma, beta, eps, chunk=None):
+    """``max(y, 0)`` for ``y, cache = batch_norm_forward(...)``, in one call: the
+    forward of a batch norm followed by a ReLU.  Returns ``(z, cache)``; the
+    backward is the pair's (``relu_backward(dz, z)``, then
+    ``batch_norm_backward``).  The channels-last kernels apply the ReLU in
+    their normalizing pass; elsewhere it runs in place on the fresh y.  The
+    same values as the two ops."""
+    if not uses_fused_kernel(x) and uses_channels_last_kernel(x):
+        return batch_norm_forward_channels_last(x, gamma, beta, eps, chunk, relu=True)
+    from .activations import relu_inplace
+    y, cache = batch_norm_forward(x, gamma, beta, eps, chunk)
+    return relu_inplace(y), cache
+
+
+def batch_norm_forward_channels_last(x, gamma, beta, eps, chunk=None, relu=False):
     """Batch norm (contract of :func:`batch_norm_forward`) by the channels-last
-    kernels; x must be a channels-last NumPy float array (y is channels-last)."""
+    kernels; x must be a channels-last NumPy float array (y is channels-last);
+    ``relu``: max(y, 0) instead (see :func:`batch_norm_relu_forward`)."""
     layout = _layout(x, "batch_norm", chunk, training=True)
     check_eps("batch_norm", eps)
     _check_channel_param(gamma, "gamma", layout[2], "batch_norm")
@@ -322,7 +337,7 @@ def batch_norm_forward_channels_last(x, gamma, beta, eps, chunk=None):
         raise ValueError("batch_norm_forward_channels_last needs a channels-last NumPy "
                          "float32/float64 array")
     from . import _bn_nhwc
-    y, mean, var, inv_std = _bn_nhwc.forward(x, gamma, beta, eps, layout)
+    y, mean, var, inv_std = _bn_nhwc.forward(x, gamma, beta, eps, layout, relu)
     cache = BatchNormCache(x, mean, var, inv_std, gamma, beta is not None, chunk,
                            layout[1] * layout[3], fused="channels_last")
     return y, cache
