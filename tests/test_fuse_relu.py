@@ -62,6 +62,26 @@ def test_relu_inplace_writes_relu_forward_into_the_same_memory(dtype, channels_l
     assert z is strided and same(z, relu(x.copy()[:, :, ::2]))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_backward_inplace_writes_relu_backward_into_dy(dtype, channels_last):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 5, 6, 7)).astype(dtype)
+    x = with_nan(cl(x) if channels_last else x)
+    y = relu(x)
+    dy = with_nan(rng.standard_normal(x.shape).astype(dtype))     # NCHW: paired by layout
+    dy = cl(dy) if channels_last else dy
+    (want,) = ops.relu_backward(dy, y)
+    for numba_on in (True, False):
+        d = dy.copy(order="K")
+        with settings.using(use_numba=numba_on):
+            (got,) = ops.relu_backward_inplace(d, y)
+        assert got is d and same(got, want)
+    d = layout.to_nchw(dy).copy() if channels_last else cl(dy)    # the other layout: a copy
+    (got,) = ops.relu_backward_inplace(d, y)
+    assert same(got, want)
+
+
 @needs_onednn
 def test_a_fused_onednn_convolution_keeps_nan():
     # NaN must reach the loss of a diverging network: oneDNN's ReLU post-op
@@ -161,6 +181,35 @@ def test_sequential_fuses_only_declared_pairs_and_keeps_the_relu_cache():
     z = nn.Sequential(mine, Spy())(x)
     y, _ = ops.conv2d_forward(x, mine.params["w"], mine.params["b"], 1, 1)
     assert Spy.calls == 1 and same(z, relu(y - 1.0))
+
+
+def test_relu_backward_writes_into_dy_only_after_a_fresh_gradient():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 6, 6))
+    conv = nn.Conv2d(3, 3, 3, 1, 1, rng=rng, dtype=np.float64)
+    # ReLU then Identity: the dy the ReLU gets is the caller's, which it must not touch
+    seq = nn.Sequential(conv, nn.ReLU(), nn.Identity())
+    z = seq(x)
+    dz = rng.standard_normal(z.shape)
+    keep = dz.copy()
+    seq.backward(dz)
+    assert np.array_equal(dz, keep)
+    # ReLU then a convolution: the ReLU writes into the convolution's new dx
+    act, conv2 = nn.ReLU(), nn.Conv2d(3, 3, 3, 1, 1, rng=rng, dtype=np.float64)
+    seq = nn.Sequential(conv, act, conv2)
+    z = seq(x)
+    returned = []
+    backward = conv2.backward
+    conv2.backward = lambda d: returned.append(backward(d)) or returned[-1]
+    seen = []
+    inner = conv.backward
+    conv.backward = lambda d: seen.append(d) or inner(d)
+    dx = seq.backward(np.ones(z.shape))
+    assert seen[0] is returned[0]                   # the same array, written in place
+    with settings.using(fuse_relu=False):
+        seq(x)
+        dx0 = seq.backward(np.ones(z.shape))
+    assert same(dx, dx0) and same(seen[1], seen[0])
 
 
 MODEL_KW = {

@@ -29,7 +29,12 @@ pass -- and the ReLU (a class setting ``takes_relu_output = True``:
 the caches' contents, every backward and what the output hooks see are
 those of the two separate forwards; only a second array and a pass over
 memory are saved.  A layer whose own output is observed
-(``track_output_norm``, a signal hook) is not fused.  oneDNN's ReLU
+(``track_output_norm``, a signal hook) is not fused.  In the backward
+the ReLU writes its dx into the dy it is given when that dy is the new
+array the next layer's backward returned (a class setting
+``fresh_input_grad = True``: Conv2d, WNConv2d, BatchNorm, MaxPool2d), not
+a gradient someone else also reads (a residual block's, or one passed
+through an Identity or a reshape).  oneDNN's ReLU
 post-op is not used: it maps a NaN pre-activation to 0, and a diverging
 network must keep showing NaN.  Full names are dotted paths, e.g.
 ``"3.conv.v"``; ``named_parameters()`` walks them in a fixed order.
@@ -202,8 +207,15 @@ class Sequential(Layer):
         return x
 
     def backward(self, dy):
-        for layer in reversed(list(self.children.values())):
-            dy = layer.backward(dy)
+        from .. import settings
+        layers = list(self.children.values())
+        fuse = settings.get("fuse_relu")
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
+            if fuse and i + 1 < len(layers) and _writes_into_dy(layer, layers[i + 1]):
+                dy = layer.backward_inplace(dy)
+            else:
+                dy = layer.backward(dy)
         return dy
 
     def __repr__(self):
@@ -236,6 +248,14 @@ def _fusable(layer, nxt) -> bool:
     return (type(layer).__dict__.get("fuses_relu", False)
             and type(nxt).__dict__.get("takes_relu_output", False)
             and not layer._is_observed())
+
+
+def _writes_into_dy(layer, nxt) -> bool:
+    """``layer`` (a ReLU) may write its dx into the dy it gets: that dy is what
+    ``nxt``'s backward returned, a new array no one else holds (both classes
+    declare it in their own bodies)."""
+    return (type(layer).__dict__.get("takes_relu_output", False)
+            and type(nxt).__dict__.get("fresh_input_grad", False))
 
 
 def _as_pair(v):

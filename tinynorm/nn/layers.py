@@ -15,6 +15,7 @@ class Conv2d(Layer):
     """y = w * x + b.  params: ``w`` (C_out, C_in, kh, kw), ``b`` (C_out,) if bias."""
 
     fuses_relu = True   # forward_relu: see tinynorm.nn.base
+    fresh_input_grad = True   # backward returns a new dx (tinynorm.nn.base)
     # False: backward computes dw (and db) only and returns None -- for a
     # network's first layer, whose input gradient training never uses
     # (tinynorm.nn.skip_input_grad; PyTorch skips it for an input without
@@ -108,6 +109,13 @@ class _Stateless(Layer):
 class ReLU(_Stateless):
     takes_relu_output = True   # adopt_relu_output: see tinynorm.nn.base
 
+    def backward_inplace(self, dy):
+        """backward(dy), writing dx into dy's memory: for a dy that nothing
+        else holds (see tinynorm.nn.base)."""
+        (dx,) = ops.relu_backward_inplace(dy, self._cache)
+        self._cache = None
+        return dx
+
     def adopt_relu_output(self, z):
         """Take ``z`` = relu(x), computed by the layer before (its
         ``forward_relu``), as this layer's output: the cache relu_forward(x)
@@ -126,6 +134,8 @@ class ReLU(_Stateless):
 
 
 class MaxPool2d(_Stateless):
+    fresh_input_grad = True   # backward returns a new array (tinynorm.nn.base)
+
     def __init__(self, kernel, stride=None, pad=0):
         super().__init__()
         self.kernel, self.stride, self.pad = kernel, stride or kernel, pad

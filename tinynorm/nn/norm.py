@@ -104,6 +104,7 @@ class BatchNorm(Layer):
         self._cache = None
 
     fuses_relu = True   # forward_relu: see tinynorm.nn.base
+    fresh_input_grad = True   # backward returns a new dx (tinynorm.nn.base)
 
     def forward_relu(self, x):
         """relu(forward(x)): in training mode the channels-last kernels apply
@@ -405,6 +406,7 @@ class WNConv2d(_WNLayer):
                           norm_scale)
 
     fuses_relu = True   # forward_relu: see tinynorm.nn.base
+    fresh_input_grad = True   # backward returns a new dx (tinynorm.nn.base)
     input_grad = True   # as Conv2d's (tinynorm.nn.skip_input_grad)
 
     def _apply(self, x, w, b):

@@ -16,7 +16,8 @@ from .. import backend
 from . import _kernels as kernels
 from . import layout
 
-__all__ = ["relu_forward", "relu_inplace", "relu_backward", "gradcheck_cases"]
+__all__ = ["relu_forward", "relu_inplace", "relu_backward", "relu_backward_inplace",
+           "gradcheck_cases"]
 
 
 @njit(parallel=True, cache=True)
@@ -88,6 +89,26 @@ def relu_backward(dy, cache):
         return (dx,)
     xp = backend.get_array_module(dy)
     return (xp.where(y > 0, dy, xp.zeros((), dtype=dy.dtype)),)
+
+
+def relu_backward_inplace(dy, cache):
+    """``relu_backward``'s dx written into dy's own memory (returns ``(dx,)``,
+    dx being dy unless dy had to change layout to pair with y): the same
+    values, for an incoming gradient that nothing else holds (the fresh dx
+    of the layer after the ReLU: :class:`tinynorm.nn.Sequential` runs it so)."""
+    y = cache
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"relu_backward: dy has shape {tuple(dy.shape)}, expected "
+                         f"{tuple(y.shape)} (the forward output's shape)")
+    if kernels.numba_ok(dy, y) and dy.dtype == y.dtype:
+        dy = layout.like(dy, y)             # a copy only where the layouts differ
+        fdy = layout.flat(dy)
+        kernels.launch(_relu_backward_kernel, dy.size, dy.size, fdy, layout.flat(y), fdy)
+        return (dy,)
+    xp = backend.get_array_module(dy)
+    # where y > 0 is false (y <= 0 or NaN) the gradient is 0, as relu_backward's
+    xp.copyto(dy, xp.zeros((), dtype=dy.dtype), where=~(y > 0))
+    return (dy,)
 
 
 def gradcheck_cases():
