@@ -72,20 +72,9 @@ def _centred_squares_kernel(x, n_groups, rows, c, n_blocks, centre, s2):
 
 
 @njit(parallel=True, cache=True)
-def _normalize_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y):
-    for gb in prange(n_groups * n_blocks):
-        g, r0, r1 = _block(gb, n_blocks, rows)
-        gc = uint64(g * c)
-        for r in range(r0, r1):
-            off = uint64((g * rows + r) * c)
-            for j in range(uint64(c)):
-                y[off + j] = (x[off + j] - mean[gc + j]) * scale[gc + j] + beta[j]
-
-
-@njit(parallel=True, cache=True)
-def _normalize_relu_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y):
-    # _normalize_kernel's value v, then relu: the value rounded to y's dtype,
-    # then max(., 0), gives the same bits as rounding max(v, 0)
+def _normalize_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, relu, y):
+    # relu: max(v, 0) -- rounding v to y's dtype and then taking the max gives
+    # the same bits as rounding max(v, 0); NaN passes, as in relu_forward
     for gb in prange(n_groups * n_blocks):
         g, r0, r1 = _block(gb, n_blocks, rows)
         gc = uint64(g * c)
@@ -93,7 +82,9 @@ def _normalize_relu_kernel(x, n_groups, rows, c, n_blocks, mean, scale, beta, y)
             off = uint64((g * rows + r) * c)
             for j in range(uint64(c)):
                 v = (x[off + j] - mean[gc + j]) * scale[gc + j] + beta[j]
-                y[off + j] = 0 if v <= 0 else v   # NaN passes, as in relu_forward
+                if relu and v <= 0:
+                    v = 0.0
+                y[off + j] = v
 
 
 @njit(parallel=True, cache=True)
@@ -152,9 +143,8 @@ def forward(x, gamma, beta, eps, layout, relu=False):
     scale = inv_std if gamma is None else inv_std * gamma.astype(np.float64)[None, :]
     beta64 = np.zeros(c) if beta is None else beta.astype(np.float64)
     y = np.empty((x.shape[0], x.shape[2], x.shape[3], c), dtype=x.dtype)
-    kernels.launch(_normalize_relu_kernel if relu else _normalize_kernel, g * nb, 2 * x.size,
-                   xf, g, rows, c, nb,
-                   mean.reshape(-1), scale.reshape(-1), beta64, y.reshape(-1))
+    kernels.launch(_normalize_kernel, g * nb, 2 * x.size, xf, g, rows, c, nb,
+                   mean.reshape(-1), scale.reshape(-1), beta64, relu, y.reshape(-1))
     return y.transpose(0, 3, 1, 2), mean, var, inv_std
 
 
