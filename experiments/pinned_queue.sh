@@ -11,11 +11,11 @@
 #
 # CLONE is created at COMMIT if missing (and must be at COMMIT if present);
 # checkpoints saved under checkpoints/<SCRIPT>/<variant>/ in this repository
-# are copied into CLONE/runs/cpu/<SCRIPT>/<variant>/ when that has none, and so
-# are finished logs from plots/logs/<SCRIPT>/<variant>.h5 (as log.h5: the
-# script then skips the run as done -- a later run may need it, e.g. the
-# NormProp sweep's logs before normprop_s0); the output goes to
-# CLONE/logs/QUEUE.log.  Start it with setsid nohup ... & to
+# are copied into CLONE/runs/cpu/<SCRIPT>/<variant>/ when that has none, unless
+# the run is finished: then its log from plots/logs/<SCRIPT>/<variant>.h5 is
+# copied instead (as log.h5: the script then skips the run as done -- a later
+# run may need it, e.g. the NormProp sweep's logs before normprop_s0); the
+# output goes to CLONE/logs/QUEUE.log.  Start it with setsid nohup ... & to
 # keep it running in the background.
 set -euo pipefail
 [ $# -ge 5 ] || { echo "usage: $0 COMMIT CLONE QUEUE SCRIPT VARIANTS [ARGS...]" >&2; exit 2; }
@@ -34,12 +34,14 @@ for name in "${names[@]}"; do
   saved="$repo/checkpoints/$script/$name"
   dest="$clone/runs/cpu/$script/$name"
   finished="$repo/plots/logs/$script/$name.h5"
-  if [ -f "$saved/checkpoint.h5" ] && [ ! -f "$dest/checkpoint.h5" ]; then
-    mkdir -p "$dest" && cp "$saved"/*.h5 "$dest"/
-    echo "restored $saved -> $dest"
-  elif [ -f "$finished" ] && [ ! -f "$dest/log.h5" ]; then
+  # a finished log wins over a checkpoint left behind (the run is done: resuming
+  # the checkpoint would run its end again and overwrite the finished log)
+  if [ -f "$finished" ] && [ ! -f "$dest/log.h5" ]; then
     mkdir -p "$dest" && cp "$finished" "$dest/log.h5"
     echo "restored finished $finished -> $dest/log.h5"
+  elif [ ! -f "$finished" ] && [ -f "$saved/checkpoint.h5" ] && [ ! -f "$dest/checkpoint.h5" ]; then
+    mkdir -p "$dest" && cp "$saved"/*.h5 "$dest"/
+    echo "restored $saved -> $dest"
   fi
 done
 mkdir -p "$clone/logs"
