@@ -254,3 +254,23 @@ def test_training_steps_are_bit_identical_with_and_without_fusion(model_name, no
         for k in s0:                                  # parameters and BN running stats
             assert same(s1[k], s0[k]), (k, dtype, kw)
         assert rms1 == rms0 and same(out1, out0)      # eval mode, signal hooks
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_layers_pass_float64_finite_differences(channels_last):
+    # the fused forwards (conv / BN + ReLU, sum + ReLU) and the in-place ReLU
+    # backward, checked by finite differences rather than against the unfused path
+    from tinynorm.gradcheck import gradcheck_layer
+    from tinynorm.models.blocks import Bottleneck
+    rng = np.random.default_rng(12)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, rng=rng, dtype=np.float64),
+                        nn.BatchNorm(4, dtype=np.float64), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, 1, 1, rng=rng, dtype=np.float64), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Conv2d(4, 2, 1, rng=rng, dtype=np.float64))
+    block = nn.Sequential(Bottleneck("bn", 4, 2, 4, rng=rng, dtype=np.float64))
+    with settings.using(channels_last=channels_last, bn_fused_min_size=0):
+        for layer, shape in ((seq, (2, 3, 6, 6)), (block, (2, 4, 5, 5))):
+            x = rng.standard_normal(shape)
+            x = cl(x) if channels_last else x
+            results = gradcheck_layer(layer, x, rtol=1e-5, atol=1e-7)
+            assert results and all(r.passed for r in results)

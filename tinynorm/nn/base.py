@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from ..backend import get_array_module
 
 __all__ = ["Layer", "Sequential", "skip_input_grad"]
@@ -192,7 +192,6 @@ class Sequential(Layer):
         return list(self.children.values())
 
     def forward(self, x):
-        from .. import settings
         layers = list(self.children.values())
         fuse = settings.get("fuse_relu")
         i = 0
@@ -207,7 +206,6 @@ class Sequential(Layer):
         return x
 
     def backward(self, dy):
-        from .. import settings
         layers = list(self.children.values())
         fuse = settings.get("fuse_relu")
         for i in range(len(layers) - 1, -1, -1):
