@@ -41,7 +41,16 @@ Presets:
            trelu               TReLU WN, the whole length;
            normprop_lr<lr>     the first 300 iterations at lr 0.1, 0.03, 0.01, 0.003;
            normprop            the whole length at the largest of those lrs that
-                               did not diverge (chosen from the sweep's logs).
+                               did not diverge (chosen from the sweep's logs);
+           bn_16k, wn_16k      the headline pair in a data-rich regime, seeds as
+                               bn and wn: 16384 images for 10 epochs -- the same
+                               640 iterations, schedule and settings, but each
+                               image seen 10 times instead of 160, so that
+                               neither norm memorizes its subset (ImageNet's
+                               120 epochs do not either).  Clean training top-1
+                               on a fixed 10k of the 16k; test every 2 epochs.
+                               Drawn apart (fig3_resnet50_16k.png): their epochs
+                               are not the 1k runs' epochs.
          wn_dropout, wn_wd5e-4, trelu and normprop run with seed 0 (the
          issue's one seed each) unless --other-seeds says more, e.g. 0,1; the
          sweep always runs with seed 0.
@@ -74,6 +83,7 @@ SWEEP_ITERS = 300
 
 
 OTHER = ("wn_dropout", "wn_wd5e-4", "trelu")
+DATA_RICH = "_16k"      # the suffix of the data-rich pair's variants
 
 
 def variants(preset, seeds=None, other_seeds=(0,)):
@@ -87,10 +97,14 @@ def variants(preset, seeds=None, other_seeds=(0,)):
     headline = seeds or HEADLINE_SEEDS[preset]
     base["wn_dropout"] = dict(base["wn"], dropout=0.5)
     base["wn_wd5e-4"] = dict(base["wn"], weight_decay=5e-4)
+    for norm in ("bn", "wn"):
+        base[f"{norm}{DATA_RICH}"] = dict(base[norm], train_limit=16384, epochs=10,
+                                          eval_every=2)
     for lr in SWEEP_LRS:
         base[f"normprop_lr{lr:g}"] = dict(COMMON, norm="normprop", **PRESETS[preset], lr=lr,
                                           max_iters=SWEEP_ITERS)
-    return seeded(base, {"bn": headline, "wn": headline,
+    return seeded(base, {"bn": headline, "wn": headline, f"bn{DATA_RICH}": headline,
+                         f"wn{DATA_RICH}": headline,
                          **{name: tuple(other_seeds) for name in OTHER}})
 
 
@@ -125,9 +139,11 @@ def main():
                 logs.update(run_variants("fig3_resnet50", seeded({"normprop": full}, args.other_seeds), args,
                                          strict=False))
     if logs:
-        from plots.figures import plot_output_norms, plot_seeded_curves, seed_table
+        from plots.figures import (plot_output_norms, plot_seeded_curves, seed_table,
+                                   split_variants)
         out = figure_path(args.preset, "fig3_resnet50", args.runs, "fig3_resnet50")
-        curves = {k: v for k, v in logs.items() if not k.startswith("normprop_lr")}
+        curves, rich = split_variants({k: v for k, v in logs.items()
+                                       if not k.startswith("normprop_lr")}, DATA_RICH)
         plot_seeded_curves(curves, out, title=f"ResNet-50 ({args.preset} preset)")
         out4 = figure_path(args.preset, "fig3_resnet50", args.runs, "fig4_output_norms")
         plot_output_norms({k: v for k, v in curves.items() if k.endswith("_s0")}, out4,
@@ -135,6 +151,12 @@ def main():
                           rms=True)
         print(seed_table(curves, pairs=[("bn", "wn")]))
         print(f"figures: {out}, {out4}")
+        if rich:
+            out16 = figure_path(args.preset, "fig3_resnet50", args.runs, "fig3_resnet50_16k")
+            plot_seeded_curves(rich, out16, title=f"ResNet-50, 16k images x 10 epochs "
+                                                  f"({args.preset} preset)")
+            print(seed_table(rich, pairs=[(f"bn{DATA_RICH}", f"wn{DATA_RICH}")]))
+            print(f"figure: {out16}")
 
 
 if __name__ == "__main__":

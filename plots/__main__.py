@@ -17,7 +17,7 @@ from plots.figures import (ablation_table, plot_ablation, plot_coherence,  # noq
                            plot_divergence, plot_divergence_factorial,
                            plot_gain_and_coherence, plot_output_norms, plot_seeded_curves,
                            plot_signal_by_depth, plot_time_share, plot_training_curves,
-                           seed_table)
+                           seed_table, split_variants)
 from tinynorm.train import read_log  # noqa: E402
 
 
@@ -63,13 +63,20 @@ def main():
         print(seed_table(logs, pairs=[("bn", "wn")]))
         drawn.append("fig2_cifar10_nv.png")
     if logs := logs_of("fig3_resnet50"):
-        curves = {k: v for k, v in logs.items() if not k.startswith("normprop_lr")}
+        # the data-rich pair (16k images x 10 epochs) in a figure of its own
+        curves, rich = split_variants({k: v for k, v in logs.items()
+                                       if not k.startswith("normprop_lr")}, "_16k")
         plot_seeded_curves(curves, HERE / "fig3_resnet50.png", "ResNet-50 (cpu preset, seeds)")
         plot_output_norms({k: v for k, v in curves.items() if k.endswith("_s0")},
                           HERE / "fig4_output_norms.png",
                           "ResNet-50 output RMS (cpu preset, seed 0)", rms=True)
         print(seed_table(curves, pairs=[("bn", "wn")]))
         drawn += ["fig3_resnet50.png", "fig4_output_norms.png"]
+        if rich:
+            plot_seeded_curves(rich, HERE / "fig3_resnet50_16k.png",
+                               "ResNet-50, 16k images x 10 epochs (cpu preset, seeds)")
+            print(seed_table(rich, pairs=[("bn_16k", "wn_16k")]))
+            drawn.append("fig3_resnet50_16k.png")
     if logs := logs_of("linear_divergence"):
         print(plot_divergence_factorial(logs, HERE / "linear_divergence.png",
                                         "50-layer linear network (cpu preset, seeds)"))

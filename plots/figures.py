@@ -422,6 +422,13 @@ def group_seeds(logs: dict) -> dict:
     return groups
 
 
+def split_variants(logs: dict, marker: str):
+    """(runs whose variant lacks ``marker``, runs whose variant has it): e.g. a
+    regime drawn in a figure of its own."""
+    has = {k: v for k, v in logs.items() if marker in split_seed(k)[0]}
+    return {k: v for k, v in logs.items() if k not in has}, has
+
+
 def mean_ci(values):
     """(mean, half-width of the 95% t-interval; nan for a single value)."""
     v = np.asarray([x for x in values if np.isfinite(x)], float)

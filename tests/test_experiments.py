@@ -136,7 +136,7 @@ def test_fig3_other_seeds_name_one_run_per_seed_and_leave_the_sweep_at_seed_0():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import fig3_resnet50 as fig3
     default = fig3.variants("cpu")
-    assert {n for n in default if n.startswith(("bn_", "wn_s"))} == {
+    assert {n for n in default if n.startswith(("bn_s", "wn_s"))} == {
         "bn_s0", "bn_s1", "bn_s2", "wn_s0", "wn_s1", "wn_s2"}
     assert {"wn_dropout_s0", "wn_wd5e-4_s0", "trelu_s0"} <= set(default)
     assert "trelu_s1" not in default
@@ -149,6 +149,30 @@ def test_fig3_other_seeds_name_one_run_per_seed_and_leave_the_sweep_at_seed_0():
     assert sorted(n for n in more if n.startswith("normprop_lr")) == sorted(
         n for n in default if n.startswith("normprop_lr"))
     assert all(n.endswith("_s0") for n in more if n.startswith("normprop_lr"))
+
+
+def test_fig3_data_rich_pair_differs_from_the_headline_pair_only_in_data_and_epochs():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import fig3_resnet50 as fig3
+    runs = fig3.variants("cpu", seeds=(0, 3))
+    for norm in ("bn", "wn"):
+        for seed in (0, 3):
+            rich, base = runs[f"{norm}_16k_s{seed}"], runs[f"{norm}_s{seed}"]
+            assert {k for k in rich if rich[k] != base.get(k)} == {
+                "train_limit", "epochs", "eval_every"}
+            # the same number of iterations (640 at batch 256)
+            assert rich["train_limit"] // rich["batch_size"] * rich["epochs"] == \
+                base["train_limit"] // base["batch_size"] * base["epochs"]
+            assert rich["train_limit"] > base["train_limit"]
+    assert "bn_16k_s1" not in runs
+
+
+def test_split_variants_separates_by_the_variant_not_the_seed():
+    from plots.figures import split_variants
+    logs = {"bn_s0": 1, "bn_16k_s0": 2, "wn_16k_s1": 3, "x_16k": 4, "wn_s16": 5}
+    rest, rich = split_variants(logs, "_16k")
+    assert rich == {"bn_16k_s0": 2, "wn_16k_s1": 3, "x_16k": 4}
+    assert rest == {"bn_s0": 1, "wn_s16": 5}
 
 
 def test_seed_list_rejects_repeats_and_negatives():
