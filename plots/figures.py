@@ -494,6 +494,9 @@ def seed_table(logs: dict, pairs=()) -> str:
             continue
         lines.append("")
         common = sorted(set(finals[a]) & set(finals[b]), key=lambda s: (s is None, s))
+        if not common:
+            lines.append(f"paired {a} - {b}: no seed run by both yet")
+            continue
         for what in ("test", "clean", "gap"):
             diffs = [finals[a][s][what] - finals[b][s][what] for s in common]
             m, h = mean_ci(diffs)

@@ -40,6 +40,10 @@ def test_table_has_every_seed_and_the_paired_differences(monkeypatch):
     assert "| bn | 0, 1 | completed | 70.00, 72.00 | 71.00 ± 12.71 | 99.00, 100.00 |" in table
     assert "| trelu | 0 | diverged @7 | 60.00 | 60.00 | 80.00 | 20.00 |" in table
     assert "paired bn - wn, test top-1 by seed (0, 1): +4.00, +3.00; mean +3.50 ± 6.35" in table
+    # a pair whose seeds do not overlap (yet) says so instead of a NaN mean
+    table = figures.seed_table({"bn_s0": _log(70, 99), "wn_s1": _log(69, 99.5)},
+                               pairs=[("bn", "wn")])
+    assert "paired bn - wn: no seed run by both yet" in table and "nan" not in table
 
 
 def test_output_rms_divides_by_the_probed_layers_sizes():
