@@ -75,7 +75,8 @@ def main():
         if rich:
             plot_seeded_curves(rich, HERE / "fig3_resnet50_16k.png",
                                "ResNet-50, 16k images x 10 epochs (cpu preset, seeds)")
-            print(seed_table(rich, pairs=[("bn_16k", "wn_16k")]))
+            print(seed_table(rich, pairs=[("bn_16k", "wn_16k"), ("wn_dropout_16k", "wn_16k"),
+                                          ("wn_wd5e-4_16k", "wn_16k")]))
             drawn.append("fig3_resnet50_16k.png")
     if logs := logs_of("linear_divergence"):
         print(plot_divergence_factorial(logs, HERE / "linear_divergence.png",

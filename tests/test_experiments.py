@@ -167,6 +167,23 @@ def test_fig3_data_rich_pair_differs_from_the_headline_pair_only_in_data_and_epo
     assert "bn_16k_s1" not in runs
 
 
+    assert "bn_16k_s1" not in runs
+
+
+def test_fig3_data_rich_remedies_differ_from_the_data_rich_wn_only_in_the_remedy():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import fig3_resnet50 as fig3
+    runs = fig3.variants("cpu", seeds=(0,), other_seeds=(0, 2))
+    for seed in (0, 2):
+        wn = runs.get(f"wn_16k_s{seed}") or dict(runs["wn_16k_s0"], seed=seed)
+        for name, key in (("wn_dropout", "dropout"), ("wn_wd5e-4", "weight_decay")):
+            rich, base = runs[f"{name}_16k_s{seed}"], runs[f"{name}_s{seed}"]
+            assert {k for k in rich if rich[k] != wn.get(k)} == {key}
+            assert {k for k in rich if rich[k] != base.get(k)} == {
+                "train_limit", "epochs", "eval_every"}
+    assert "wn_dropout_16k_s1" not in runs
+
+
 def test_split_variants_separates_by_the_variant_not_the_seed():
     from plots.figures import split_variants
     logs = {"bn_s0": 1, "bn_16k_s0": 2, "wn_16k_s1": 3, "x_16k": 4, "wn_s16": 5}
