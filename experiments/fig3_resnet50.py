@@ -143,8 +143,8 @@ def main():
                 logs.update(run_variants("fig3_resnet50", seeded({"normprop": full}, args.other_seeds), args,
                                          strict=False))
     if logs:
-        from plots.figures import (plot_output_norms, plot_seeded_curves, seed_table,
-                                   split_variants)
+        from plots.figures import (DATA_RICH_PAIRS, plot_output_norms, plot_seeded_curves,
+                                   seed_table, split_variants)
         out = figure_path(args.preset, "fig3_resnet50", args.runs, "fig3_resnet50")
         curves, rich = split_variants({k: v for k, v in logs.items()
                                        if not k.startswith("normprop_lr")}, DATA_RICH)
@@ -159,8 +159,7 @@ def main():
             out16 = figure_path(args.preset, "fig3_resnet50", args.runs, "fig3_resnet50_16k")
             plot_seeded_curves(rich, out16, title=f"ResNet-50, 16k images x 10 epochs "
                                                   f"({args.preset} preset)")
-            print(seed_table(rich, pairs=[(f"bn{DATA_RICH}", f"wn{DATA_RICH}")] +
-                             [(f"{name}{DATA_RICH}", f"wn{DATA_RICH}") for name in REMEDIES]))
+            print(seed_table(rich, pairs=DATA_RICH_PAIRS))
             print(f"figure: {out16}")
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from plots.figures import (ablation_table, plot_ablation, plot_coherence,  # noqa: E402
-                           plot_divergence, plot_divergence_factorial,
+from plots.figures import (DATA_RICH_PAIRS, ablation_table, plot_ablation,  # noqa: E402
+                           plot_coherence, plot_divergence, plot_divergence_factorial,
                            plot_gain_and_coherence, plot_output_norms, plot_seeded_curves,
                            plot_signal_by_depth, plot_time_share, plot_training_curves,
                            seed_table, split_variants)
@@ -75,8 +75,7 @@ def main():
         if rich:
             plot_seeded_curves(rich, HERE / "fig3_resnet50_16k.png",
                                "ResNet-50, 16k images x 10 epochs (cpu preset, seeds)")
-            print(seed_table(rich, pairs=[("bn_16k", "wn_16k"), ("wn_dropout_16k", "wn_16k"),
-                                          ("wn_wd5e-4_16k", "wn_16k")]))
+            print(seed_table(rich, pairs=DATA_RICH_PAIRS))
             drawn.append("fig3_resnet50_16k.png")
     if logs := logs_of("linear_divergence"):
         print(plot_divergence_factorial(logs, HERE / "linear_divergence.png",

@@ -422,6 +422,11 @@ def group_seeds(logs: dict) -> dict:
     return groups
 
 
+# the paired comparisons of fig3_resnet50's data-rich runs (16k images x 10 epochs):
+# BN against WN (R2), and each of the paper's remedies against WN (R3)
+DATA_RICH_PAIRS = [("bn_16k", "wn_16k"), ("wn_dropout_16k", "wn_16k"), ("wn_wd5e-4_16k", "wn_16k")]
+
+
 def split_variants(logs: dict, marker: str):
     """(runs whose variant lacks ``marker``, runs whose variant has it): e.g. a
     regime drawn in a figure of its own."""

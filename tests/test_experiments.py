@@ -167,9 +167,6 @@ def test_fig3_data_rich_pair_differs_from_the_headline_pair_only_in_data_and_epo
     assert "bn_16k_s1" not in runs
 
 
-    assert "bn_16k_s1" not in runs
-
-
 def test_fig3_data_rich_remedies_differ_from_the_data_rich_wn_only_in_the_remedy():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import fig3_resnet50 as fig3
